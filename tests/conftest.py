@@ -1,0 +1,56 @@
+"""Shared tiny configurations and fixture paths. Everything runs on CPU in fp32."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+FIXTURE_A = Path(__file__).parent / "fixtures" / "hallo3_parity_a"
+ASSETS = Path(__file__).parent.parent / "assets" / "examples"
+
+# A tiny denoiser of the released structure: 2 layers, 2 heads of 32, 13 latent frames of 4x6 tokens.
+TINY_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=32,
+    out_channels=16,
+    time_embed_dim=32,
+    text_embed_dim=32,
+    num_layers=2,
+    sample_width=12,
+    sample_height=8,
+    sample_frames=49,
+    max_text_seq_length=8,
+    face_embed_dim=512,
+    face_hidden_size=40,
+    num_face_tokens=4,
+    audio_window=5,
+    audio_num_layers=12,
+    audio_channels=16,
+    audio_intermediate_dim=32,
+    audio_hidden_size=24,
+    num_audio_tokens=4,
+)
+HALLO3_ONLY = ("face_embed_dim", "face_hidden_size", "num_face_tokens", "audio_window", "audio_num_layers",
+               "audio_channels", "audio_intermediate_dim", "audio_hidden_size", "num_audio_tokens")
+TINY_STOCK = {k: v for k, v in TINY_TRANSFORMER.items() if k not in HALLO3_ONLY}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_inputs(batch_size: int = 2, num_frames: int = 13, text_len: int = 8, generator_seed: int = 0) -> dict:
+    """Random inputs of the tiny denoiser's shapes: latents [B, F, 32, 8, 12], audio windows for 4(F-1)+1 frames."""
+    g = torch.Generator().manual_seed(generator_seed)
+    pixel_frames = (num_frames - 1) * 4 + 1
+    return dict(
+        hidden_states=torch.randn(batch_size, num_frames, 32, 8, 12, generator=g),
+        encoder_hidden_states=torch.randn(batch_size, text_len, 32, generator=g),
+        timestep=torch.full((batch_size,), 499.0),
+        face_embeds=torch.randn(batch_size, 512, generator=g),
+        audio_embeds=torch.randn(batch_size, pixel_frames, 5, 12, 16, generator=g) * 0.5,
+        reference_hidden_states=[torch.randn(1, 24, 64, generator=g) for _ in range(2)],
+    )
