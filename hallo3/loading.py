@@ -1,0 +1,194 @@
+"""Where a Hallo3Pipeline comes from (`--model`): a diffusers folder, the official layout, a Hub repo, or tiny-random.
+
+- a full pipeline folder (model_index.json, e.g. from `pipe.save_pretrained`);
+- a converter output (`transformer/` + `reference_net/`): T5, VAE and wav2vec2 come from `--base-model` and
+  `--wav2vec-model` (Hub ids or folders);
+- the official `pretrained_models/` layout (`hallo3/latest`, `cogvideox-5b-i2v-sat/t5-v1_1-xxl`,
+  `wav2vec/wav2vec2-base-960h`, `face_analysis`, `audio_separator`): the SAT checkpoint is converted on first use
+  into `pretrained_models/hallo3-diffusers` and reused afterwards;
+- a Hub repo id, downloaded with huggingface_hub and then treated as one of the above;
+- `tiny-random`: a tiny configuration with random weights built in code, for demos and tests on a CPU. Its output
+  is noise shaped like a video; it is labelled as random wherever it appears.
+
+Nothing here unpickles: weights load from safetensors (or through the converter's weights-only loader).
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from .convert_sat_checkpoint import convert
+from .pipeline_hallo3 import Hallo3Pipeline
+from .scheduling_hallo3 import Hallo3DPMScheduler
+from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
+
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+DEFAULT_BASE_MODEL = "THUDM/CogVideoX-5b-I2V"
+DEFAULT_WAV2VEC = "facebook/wav2vec2-base-960h"
+RANDOM_WEIGHTS_NOTICE = "tiny-random: RANDOM WEIGHTS, not a trained model; the video is noise"
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline and what the user should be told about it."""
+
+    pipeline: Hallo3Pipeline
+    name: str
+    is_random: bool = False
+    face_analysis_dir: Path | None = None
+    vocal_separator_dir: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return RANDOM_WEIGHTS_NOTICE if self.is_random else self.name
+
+
+class ModelSourceError(ValueError):
+    """`--model` names nothing we can load; the message says what was expected."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def tiny_tokenizer():
+    """A T5-style unigram tokenizer trained in code on a few sentences: no files, no download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    corpus = [
+        "A woman talking on a dimly lit beach with the waves of the sea behind her",
+        "A little girl talking around a campfire", "An older man with messy hair is on vacation at the beach",
+        "A lady wearing light makeup stands in front of a tropical tree and speaks", "a person speaks to the camera",
+    ]
+    trainer = trainers.UnigramTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tokenizer.train_from_iterator(corpus, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
+    """The whole Hallo3 path at toy size (64x96 px, 2 layers): seconds per clip on a CPU. Random weights."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                           num_heads=4, decoder_start_token_id=0))
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,
+        scaling_factor=0.7, sample_height=64, sample_width=96,
+    )
+    audio_encoder = Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, do_stable_layer_norm=False,
+    ))
+    audio_feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
+                                                       return_attention_mask=False)
+    stock = dict(num_attention_heads=2, attention_head_dim=32, time_embed_dim=32, text_embed_dim=32, num_layers=2,
+                 sample_width=12, sample_height=8, max_text_seq_length=16)
+    transformer = Hallo3Transformer3DModel(
+        **stock, face_hidden_size=40, num_face_tokens=4, audio_num_layers=2, audio_channels=32,
+        audio_intermediate_dim=32, audio_hidden_size=24, num_audio_tokens=4,
+    )
+    reference_net = Hallo3ReferenceNet(**stock)
+    return Hallo3Pipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer.eval(),
+        reference_net=reference_net.eval(), scheduler=Hallo3DPMScheduler(),
+        audio_feature_extractor=audio_feature_extractor, audio_encoder=audio_encoder.eval(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# real weights
+
+
+def _from_parts(folder: Path, base_model: str, wav2vec_model: str, torch_dtype: torch.dtype) -> Hallo3Pipeline:
+    """Converter output + T5/VAE from a CogVideoX-5B-I2V diffusers repo + wav2vec2."""
+    from transformers import AutoTokenizer
+
+    text_source = _text_encoder_source(folder, base_model)
+    return Hallo3Pipeline(
+        tokenizer=AutoTokenizer.from_pretrained(text_source, subfolder=_subfolder(text_source, "tokenizer")),
+        text_encoder=T5EncoderModel.from_pretrained(
+            text_source, subfolder=_subfolder(text_source, "text_encoder"), torch_dtype=torch_dtype
+        ),
+        vae=AutoencoderKLCogVideoX.from_pretrained(base_model, subfolder="vae", torch_dtype=torch_dtype),
+        transformer=Hallo3Transformer3DModel.from_pretrained(folder / "transformer", torch_dtype=torch_dtype),
+        reference_net=Hallo3ReferenceNet.from_pretrained(folder / "reference_net", torch_dtype=torch_dtype),
+        scheduler=Hallo3DPMScheduler(),
+        audio_feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_model),
+        # wav2vec2 runs in fp32, as in the official code
+        audio_encoder=Wav2Vec2Model.from_pretrained(wav2vec_model, torch_dtype=torch.float32),
+    )
+
+
+def _text_encoder_source(folder: Path, base_model: str) -> str:
+    """The official layout ships T5 as a transformers folder next to the checkpoint; otherwise the base repo."""
+    official_t5 = folder.parent / "cogvideox-5b-i2v-sat" / "t5-v1_1-xxl"
+    return str(official_t5) if official_t5.is_dir() else base_model
+
+
+def _subfolder(source: str, name: str) -> str | None:
+    return None if source.endswith("t5-v1_1-xxl") else name
+
+
+def load_pipeline(
+    model: str = TINY_RANDOM,
+    base_model: str = DEFAULT_BASE_MODEL,
+    wav2vec_model: str | None = None,
+    torch_dtype: torch.dtype = torch.bfloat16,
+) -> LoadedModel:
+    """Resolve `model` (see the module docstring) into a pipeline; raises `ModelSourceError` with a hint."""
+    if model == TINY_RANDOM:
+        logger.warning("Using %s.", RANDOM_WEIGHTS_NOTICE)
+        return LoadedModel(build_tiny_random_pipeline(), TINY_RANDOM, is_random=True)
+
+    folder = Path(model)
+    if not folder.exists():
+        if model.count("/") != 1 or model.startswith((".", "/")):
+            raise ModelSourceError(
+                f"--model {model}: no such folder, and not a Hub repo id (owner/name). Use a converted folder, the "
+                f"official pretrained_models/ folder, a Hub repo, or {TINY_RANDOM}."
+            )
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model))
+
+    if (folder / "model_index.json").is_file():
+        pipeline = Hallo3Pipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        return LoadedModel(pipeline, str(model))
+
+    face_dir = folder / "face_analysis" if (folder / "face_analysis").is_dir() else None
+    separator_dir = folder / "audio_separator" if (folder / "audio_separator").is_dir() else None
+    if (folder / "hallo3" / "latest").is_file():  # the official pretrained_models/ layout
+        converted = folder / "hallo3-diffusers"
+        if not (converted / "transformer").is_dir():
+            logger.info("Converting the official checkpoint into %s (once).", converted)
+            convert(folder / "hallo3", converted)
+        local_wav2vec = folder / "wav2vec" / "wav2vec2-base-960h"
+        wav2vec = wav2vec_model or (str(local_wav2vec) if local_wav2vec.is_dir() else DEFAULT_WAV2VEC)
+        pipeline = _from_parts(converted, base_model, wav2vec, torch_dtype)
+        return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
+
+    if (folder / "transformer").is_dir() and (folder / "reference_net").is_dir():
+        pipeline = _from_parts(folder, base_model, wav2vec_model or DEFAULT_WAV2VEC, torch_dtype)
+        return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
+
+    raise ModelSourceError(
+        f"--model {model}: expected model_index.json (a saved pipeline), transformer/ + reference_net/ (converter "
+        f"output), or hallo3/latest (the official pretrained_models/ layout)."
+    )

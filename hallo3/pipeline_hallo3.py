@@ -1,0 +1,387 @@
+"""Hallo3Pipeline: portrait + speech waveform (+ prompt) -> talking video frames of any length (reference 6, 7).
+
+The pipeline sees images and arrays, never paths: `hallo3.inference` turns files into its inputs and its frames into
+an mp4. One call runs the clip loop: 49-frame clips that overlap by `motion_frames` frames, each denoised with the
+official sampler and decoded before the next clip is conditioned on its last frames.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLCogVideoX, DiffusionPipeline
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerBase, T5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from .conditioning import audio_windows, clip_audio_indices, gather_clip_audio, motion_frame_mask, num_clips
+from .preprocessing.audio import SAMPLE_RATE, AudioEncoder
+from .scheduling_hallo3 import Hallo3DPMScheduler
+from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
+
+
+logger = logging.get_logger(__name__)
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+MAX_MOTION_FRAMES = 3
+
+
+@dataclass
+class Hallo3PipelineOutput(BaseOutput):
+    """
+    Args:
+        frames: the video, [num_frames, H, W, 3] in [0, 1] for "np", a [num_frames, 3, H, W] tensor for "pt", a list
+            of PIL images for "pil"; None when the frames were handed to `on_frames` instead.
+        num_frames (`int`): ceil(audio seconds x fps).
+    """
+
+    frames: np.ndarray | torch.Tensor | list[PIL.Image.Image] | None
+    num_frames: int
+
+
+def dynamic_guidance_scale(scale: float, step: int, num_steps: int, exponent: float = 5.0) -> float:
+    """A guidance ramp from 1 to `scale`: 1 + (scale - 1)(1 - cos(pi p^exponent)) / 2 with p = step / (num_steps - 1).
+
+    The official config names a cosine schedule (scale 6, exponent 5) but overwrites it with a constant 3.5 and feeds
+    it the timestep instead of the step (reference 12.1); this is the schedule it describes, on the step index.
+    """
+    progress = step / max(num_steps - 1, 1)
+    return 1 + (scale - 1) * (1 - math.cos(math.pi * progress**exponent)) / 2
+
+
+class Hallo3Pipeline(DiffusionPipeline):
+    r"""Audio-driven portrait animation with Hallo3 on CogVideoX-5B-I2V.
+
+    Components:
+        tokenizer, text_encoder: T5 v1.1 XXL (226 tokens, no attention mask, as CogVideoX).
+        vae ([`AutoencoderKLCogVideoX`]): the CogVideoX 3D VAE, `scaling_factor` 0.7.
+        transformer ([`Hallo3Transformer3DModel`]): the denoiser.
+        reference_net ([`Hallo3ReferenceNet`]): identity features, run once per video.
+        scheduler ([`Hallo3DPMScheduler`]): the official sampler.
+        audio_feature_extractor, audio_encoder: wav2vec2-base-960h, all hidden layers.
+    """
+
+    model_cpu_offload_seq = "text_encoder->reference_net->transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: T5EncoderModel,
+        vae: AutoencoderKLCogVideoX,
+        transformer: Hallo3Transformer3DModel,
+        reference_net: Hallo3ReferenceNet,
+        scheduler: Hallo3DPMScheduler,
+        audio_feature_extractor: Wav2Vec2FeatureExtractor,
+        audio_encoder: Wav2Vec2Model,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+            reference_net=reference_net, scheduler=scheduler, audio_feature_extractor=audio_feature_extractor,
+            audio_encoder=audio_encoder,
+        )
+        self.vae_scale_factor_spatial = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = vae.config.temporal_compression_ratio
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Sizes the checkpoint fixes
+
+    @property
+    def height(self) -> int:
+        return self.transformer.config.sample_height * self.vae_scale_factor_spatial
+
+    @property
+    def width(self) -> int:
+        return self.transformer.config.sample_width * self.vae_scale_factor_spatial
+
+    @property
+    def clip_length(self) -> int:
+        """Pixel frames per clip: 49 for the released model (13 latent frames)."""
+        return self.transformer.config.sample_frames
+
+    @property
+    def fps(self) -> int:
+        return 25
+
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None, leave: bool = True):
+        """diffusers' tqdm bar with a label; the clip bar and the step bar are shown together (gradio tracks both)."""
+        bar = super().progress_bar(iterable=iterable, total=total)
+        if desc:
+            bar.set_description(desc)
+        bar.leave = leave
+        return bar
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Steps of the recipe
+
+    def check_inputs(self, image, audio, num_inference_steps, guidance_scale, audio_guidance_scale, motion_frames,
+                     callback_on_step_end_tensor_inputs, output_type):
+        if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise ValueError(f"`image` must be a PIL image, an array or a tensor, got {type(image).__name__}.")
+        if not isinstance(audio, (np.ndarray, torch.Tensor)) or audio.ndim != 1 or len(audio) == 0:
+            raise ValueError("`audio` must be a non-empty mono waveform at 16 kHz (1-D array or tensor).")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
+        if guidance_scale < 1 or (audio_guidance_scale is not None and audio_guidance_scale < 0):
+            raise ValueError(
+                f"`guidance_scale` must be >= 1 and `audio_guidance_scale` >= 0; got {guidance_scale} and "
+                f"{audio_guidance_scale}."
+            )
+        if not 0 <= motion_frames <= MAX_MOTION_FRAMES:
+            raise ValueError(
+                f"`motion_frames` must be 0..{MAX_MOTION_FRAMES} (2 as trained), got {motion_frames}. The causal VAE "
+                f"folds the reference frame and up to {MAX_MOTION_FRAMES} motion frames into the one conditioning "
+                f"latent frame the model was trained with; {MAX_MOTION_FRAMES + 1} or more would spill into a second."
+            )
+        if output_type not in ("np", "pt", "pil"):
+            raise ValueError(f"`output_type` must be 'np', 'pt' or 'pil', got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}; got {unknown}.")
+
+    def encode_prompt(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """T5 states [1, S, D], padded to the transformer's text length, without an attention mask (reference 6.3)."""
+        max_length = self.transformer.config.max_text_seq_length
+        input_ids = self.tokenizer(
+            [prompt], padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(input_ids.to(device))[0].to(dtype)
+
+    def preprocess_image(self, image: ImageInput, device: torch.device) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1] at the model's resolution (already framed by `hallo3.preprocessing.image`)."""
+        if isinstance(image, PIL.Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image)
+            image = image.permute(2, 0, 1) if image.shape[-1] == 3 else image  # HWC -> CHW
+            image = image * 2 - 1
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        if tuple(image.shape[-2:]) != (self.height, self.width):
+            raise ValueError(
+                f"`image` must be {self.width}x{self.height} (frame it with hallo3.preprocessing.image.frame_portrait);"
+                f" got {image.shape[-1]}x{image.shape[-2]}."
+            )
+        return image.to(device=device, dtype=torch.float32)
+
+    def encode_frames(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Pixel frames [1, 3, F, H, W] in [-1, 1] -> sampled posterior x scaling, as [1, F', C, h, w] (reference 13)."""
+        latent_dist = self.vae.encode(frames.to(self.vae.dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
+        return latents.permute(0, 2, 1, 3, 4).float()  # [B, C, F, h, w] -> [B, F, C, h, w]
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, F, C, h, w] -> pixel frames [F', 3, H, W] in [0, 1]; the VAE decodes in chunks of latent frames."""
+        latents = latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
+        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [1, 3, F', H, W]
+        return ((frames[0].float() + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
+
+    @torch.no_grad()
+    def compute_reference_bank(self, reference_image: torch.Tensor, text_shape: torch.Size,
+                               generator: torch.Generator | None) -> list[torch.Tensor]:
+        """Per-layer identity tokens of the face-masked reference image, at t=0 with zero text (reference 4.2).
+
+        They depend on neither the clip nor the step, so the video computes them once.
+        """
+        reference_latent = self.encode_frames(reference_image.unsqueeze(2), generator)  # [1, 1, C, h, w]
+        zero_text = torch.zeros(text_shape, device=reference_latent.device, dtype=self.reference_net.dtype)
+        model_input = torch.cat([reference_latent, reference_latent], dim=2).to(self.reference_net.dtype)
+        return self.reference_net(model_input, zero_text, torch.zeros(1, device=reference_latent.device))
+
+    def prepare_image_latents(self, image: torch.Tensor, motion: torch.Tensor | None, num_latent_frames: int,
+                              generator: torch.Generator | None) -> torch.Tensor:
+        """The conditioning latent: VAE of [reference frame, masked motion frames] + zero frames (reference 6.1)."""
+        frames = [image]
+        if motion is not None:
+            mask = motion_frame_mask(self.height, self.width, generator=generator, device=image.device)
+            frames += [frame * mask for frame in motion]
+        latent = self.encode_frames(torch.stack(frames, dim=1)[None], generator)  # [1, 3, F, H, W] -> [1, 1, C, h, w]
+        padding = latent.new_zeros(1, num_latent_frames - latent.shape[1], *latent.shape[2:])
+        return torch.cat([latent, padding], dim=1)
+
+    def guide(self, prediction: torch.Tensor, guidance_scale: float, audio_guidance_scale: float | None) -> torch.Tensor:
+        """Classifier-free guidance over the batched branches.
+
+        Two rows [uncond, cond]: v = u + g (c - u), the official joint guidance. Three rows [uncond, text only, cond]:
+        v = u + g (t - u) + g_a (c - t); text guidance g, audio guidance g_a. With g_a = g this is the two-row result.
+        """
+        if audio_guidance_scale is None:
+            uncond, cond = prediction.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        uncond, text_only, cond = prediction.chunk(3)
+        return uncond + guidance_scale * (text_only - uncond) + audio_guidance_scale * (cond - text_only)
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        audio: np.ndarray | torch.Tensor,
+        reference_image: ImageInput | None = None,
+        face_embeds: torch.Tensor | np.ndarray | None = None,
+        prompt: str = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.5,
+        audio_guidance_scale: float | None = None,
+        use_dynamic_cfg: bool = False,
+        motion_frames: int = 2,
+        generator: torch.Generator | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        on_frames: Callable[[np.ndarray], None] | None = None,
+        callback_on_step_end: Callable[["Hallo3Pipeline", int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        disable_reference: bool = False,
+        disable_face_embedding: bool = False,
+        disable_audio: bool = False,
+    ) -> Hallo3PipelineOutput | tuple:
+        r"""
+        Args:
+            image: the framed portrait at the model's resolution (PIL, uint8 HWC array, or [-1, 1] tensor).
+            audio: mono waveform at 16 kHz; the video is ceil(seconds x 25) frames long.
+            reference_image: the face-masked portrait, framed like `image`; `image` itself when omitted.
+            face_embeds: identity embedding [512] or [1, 512] (raw ArcFace); zeros when omitted.
+            prompt: what the scene looks like; the unconditional branch uses zero text states, as the official code.
+            num_inference_steps: sampler steps per clip (50 official).
+            guidance_scale: joint text+audio guidance (3.5 official).
+            audio_guidance_scale: separate audio guidance through a third branch (text, no audio); see `guide`. When
+                None or equal to `guidance_scale`, the official two-branch guidance runs and no extra pass is made.
+            use_dynamic_cfg: ramp both scales from 1 to their value over the steps (`dynamic_guidance_scale`).
+            motion_frames: frames each clip takes from the previous one (2 as trained; 0..3 supported).
+            generator: drives the motion masks, VAE posterior samples, initial noise and sampler noise.
+            output_type: "np", "pt" or "pil".
+            on_frames: called with each clip's new frames as uint8 [n, H, W, 3] as soon as they are decoded; the
+                frames are then not kept, so memory stays flat however long the audio (returned `frames` is None).
+            callback_on_step_end: `fn(pipe, step, timestep, {"latents": ...})`, may return replacement latents.
+            disable_reference, disable_face_embedding, disable_audio: ablations that drop the identity reference
+                tokens, the face cross-attention, or the audio (every row gets the unconditional silence tokens).
+
+        Examples:
+            ```py
+            >>> from hallo3 import Hallo3Pipeline
+            >>> pipe = Hallo3Pipeline.from_pretrained("path/to/hallo3-diffusers")
+            >>> out = pipe(image=framed_image, audio=waveform_16k, reference_image=masked, prompt="A woman talking")
+            ```
+        """
+        # 1. Check inputs
+        self.check_inputs(image, audio, num_inference_steps, guidance_scale, audio_guidance_scale, motion_frames,
+                          callback_on_step_end_tensor_inputs, output_type)
+        if audio_guidance_scale is not None and audio_guidance_scale == guidance_scale:
+            audio_guidance_scale = None  # the official two-branch guidance, no extra pass
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        num_branches = 2 if audio_guidance_scale is None else 3
+
+        # 2. Text: T5 states for the prompt, zeros for the unconditional rows
+        prompt_embeds = self.encode_prompt(prompt, device, dtype)
+        text = torch.cat([torch.zeros_like(prompt_embeds)] + [prompt_embeds] * (num_branches - 1))
+
+        # 3. Audio: wav2vec2 features, one per video frame, in windows of 5
+        waveform = audio.cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio, dtype=np.float32)
+        features, num_frames = AudioEncoder(self.audio_encoder, self.audio_feature_extractor, self.fps)(
+            waveform, clip_length=self.clip_length
+        )
+        windows = audio_windows(features, window=self.transformer.config.audio_window)
+
+        # 4. Images and identity
+        image = self.preprocess_image(image, device)[0]
+        reference = self.preprocess_image(reference_image, device) if reference_image is not None else image[None]
+        face_embeds = torch.zeros(1, 512) if face_embeds is None else torch.as_tensor(face_embeds).reshape(1, -1)
+        face_embeds = face_embeds.to(device=device, dtype=dtype).expand(num_branches, -1)
+        if disable_face_embedding:
+            face_embeds = None
+
+        # 5. Reference bank, once per video
+        bank = None if disable_reference else self.compute_reference_bank(reference, prompt_embeds.shape, generator)
+
+        # 6. Clip loop
+        latent_frames = (self.clip_length - 1) // self.vae_scale_factor_temporal + 1
+        latent_shape = (1, latent_frames, self.transformer.config.out_channels, self.height // self.vae_scale_factor_spatial,
+                        self.width // self.vae_scale_factor_spatial)
+        total_clips = num_clips(num_frames, self.clip_length, motion_frames)
+        motion = image[None].expand(motion_frames, -1, -1, -1) if motion_frames else None  # clip 0: the image itself
+        kept_frames, frames_done = [], 0
+        with self.progress_bar(total=total_clips, desc="clips") as clip_bar:
+            for clip in range(total_clips):
+                indices = clip_audio_indices(clip, len(windows), self.clip_length, motion_frames)
+                clip_audio = gather_clip_audio(windows, indices)[None].to(device=device, dtype=dtype)
+                if disable_audio:
+                    clip_audio = torch.zeros_like(clip_audio)
+                silence = torch.zeros_like(clip_audio)
+                audio_rows = torch.cat([silence] * (num_branches - 1) + [clip_audio])
+
+                image_latents = self.prepare_image_latents(image, motion, latent_frames, generator)
+                image_latents = image_latents.expand(num_branches, -1, -1, -1, -1).to(dtype)
+                latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
+                latents = self.denoise(
+                    latents, image_latents, text, bank, face_embeds, audio_rows, num_inference_steps,
+                    guidance_scale, audio_guidance_scale, use_dynamic_cfg, generator, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                )
+
+                # 7. Decode; the clip's last frames condition the next clip
+                frames = self.decode_latents(latents)  # [49, 3, H, W] in [0, 1]
+                if motion_frames:
+                    motion = frames[-motion_frames:] * 2 - 1
+                new_frames = frames[motion_frames:][: num_frames - frames_done]
+                frames_done += len(new_frames)
+                if on_frames is not None:
+                    on_frames(self.to_uint8(new_frames))
+                else:
+                    kept_frames.append(new_frames.cpu())
+                clip_bar.update()
+
+        self.maybe_free_model_hooks()
+
+        # 8. Output
+        video = None
+        if on_frames is None:
+            video = torch.cat(kept_frames)
+            if output_type == "np":
+                video = video.permute(0, 2, 3, 1).numpy()
+            elif output_type == "pil":
+                video = [PIL.Image.fromarray(frame) for frame in self.to_uint8(video)]
+        if not return_dict:
+            return (video, num_frames)
+        return Hallo3PipelineOutput(frames=video, num_frames=num_frames)
+
+    @staticmethod
+    def to_uint8(frames: torch.Tensor) -> np.ndarray:
+        """[n, 3, H, W] in [0, 1] -> uint8 [n, H, W, 3] by truncation, as the official writer does (reference 12.28)."""
+        return (frames.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
+
+    def denoise(
+        self, latents, image_latents, text, bank, face_embeds, audio_rows, num_inference_steps, guidance_scale,
+        audio_guidance_scale, use_dynamic_cfg, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
+    ) -> torch.Tensor:
+        """One clip's sampling loop; returns the clean latents [1, F, C, h, w]."""
+        num_branches = text.shape[0]
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        with self.progress_bar(total=num_inference_steps, desc="steps", leave=False) as step_bar:
+            for i, t in enumerate(self.scheduler.timesteps):
+                model_input = torch.cat([latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype),
+                                         image_latents], dim=2)
+                prediction = self.transformer(
+                    model_input, text, t.expand(num_branches).float(), reference_hidden_states=bank,
+                    face_embeds=face_embeds, audio_embeds=audio_rows,
+                ).sample.float()
+                scale, audio_scale = guidance_scale, audio_guidance_scale
+                if use_dynamic_cfg:
+                    scale = dynamic_guidance_scale(guidance_scale, i, num_inference_steps)
+                    if audio_scale is not None:
+                        audio_scale = dynamic_guidance_scale(audio_guidance_scale, i, num_inference_steps)
+                guided = self.guide(prediction, scale, audio_scale)
+                latents = self.scheduler.step(guided, t, latents, generator=generator).prev_sample
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {"latents": latents} if "latents" in callback_on_step_end_tensor_inputs else {}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.get("latents", latents)
+                step_bar.update()
+        return latents

@@ -1,0 +1,112 @@
+"""Portrait file -> RGB image, and framing to the model's 3:2 resolution (reference 7.1 step 4, 12.19).
+
+Squares are padded to 3:2 with black bars and the output is cropped back to a square, as the official code does.
+Other aspect ratios are resized like the official code and cropped to 3:2 around the detected face, so the face is
+never cut off (the official centre crop can cut it).
+"""
+
+from dataclasses import dataclass
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """The image input breaks a rule; the message names the file and the rule."""
+
+
+MAX_PIXELS = 50_000_000
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """RGB image with its EXIF rotation applied; grayscale, palette and RGBA photos are converted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {path}: no such file.")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "P"):
+                # transparent pixels become white, not the undefined colour under them
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            image = image.convert("RGB")
+            image.load()
+    except UnidentifiedImageError:
+        raise ImageError(f"image {path}: not an image file (PNG, JPEG, WebP, ... expected).") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"image {path}: more than {MAX_PIXELS:,} pixels; resize it first.") from None
+    except (OSError, SyntaxError) as error:
+        raise ImageError(f"image {path}: the file is damaged or truncated ({error}).") from None
+    if min(image.size) < 16:
+        raise ImageError(f"image {path}: {image.width}x{image.height} px is too small to hold a face.")
+    return image
+
+
+@dataclass
+class Framing:
+    """How a portrait was fitted to the model's width x height, and how to undo it on the output frames."""
+
+    width: int
+    height: int
+    square: bool  # padded with bars; output frames are cropped back to columns [pad, pad + height)
+    pad: int = 0
+
+    def crop_output(self, frames: np.ndarray) -> np.ndarray:
+        """[..., height, width, 3] -> the user's aspect: square inputs give square videos."""
+        return frames[..., :, self.pad : self.pad + self.height, :] if self.square else frames
+
+
+def frame_portrait(
+    image: Image.Image, face_box: tuple[float, float, float, float] | None, width: int, height: int,
+    extra_images: tuple[Image.Image, ...] = (),
+) -> tuple[list[Image.Image], Framing]:
+    """Fit `image` (and `extra_images` of the same size, e.g. its face-masked copy) to `width` x `height`.
+
+    Args:
+        face_box: (x0, y0, x1, y1) in the image's pixels; the crop keeps it whole when it fits.
+
+    Returns:
+        The framed images (the first is `image`) and the `Framing` that maps the output back.
+    """
+    images = (image, *extra_images)
+    w, h = image.size
+    if w == h:
+        side = height
+        pad = (width - side) // 2
+        framed = []
+        for item in images:
+            canvas = Image.new("RGB", (width, height), (0, 0, 0))
+            canvas.paste(item.resize((side, side), Image.BILINEAR, reducing_gap=None), (pad, 0))
+            framed.append(canvas)
+        return framed, Framing(width, height, square=True, pad=pad)
+
+    # the official resize: cover width x height keeping the aspect, bicubic
+    if w / h > width / height:
+        new_w, new_h = int(w * height / h), height
+    else:
+        new_w, new_h = width, int(h * width / w)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    if face_box is not None:
+        scale_x, scale_y = new_w / w, new_h / h
+        x0, y0, x1, y1 = face_box[0] * scale_x, face_box[1] * scale_y, face_box[2] * scale_x, face_box[3] * scale_y
+        left = _shift_to_contain(left, width, x0, x1, new_w)
+        top = _shift_to_contain(top, height, y0, y1, new_h)
+    framed = [
+        item.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + width, top + height)) for item in images
+    ]
+    return framed, Framing(width, height, square=False)
+
+
+def _shift_to_contain(start: int, size: int, low: float, high: float, limit: int) -> int:
+    """Move a window [start, start + size) the least so that it contains [low, high), staying inside [0, limit)."""
+    if high - low > size:
+        start = int(round((low + high) / 2 - size / 2))  # face larger than the frame: centre on it
+    elif low < start:
+        start = int(np.floor(low))
+    elif high > start + size:
+        start = int(np.ceil(high)) - size
+    return max(0, min(start, limit - size))
