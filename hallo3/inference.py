@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .convert_sat_checkpoint import CheckpointError
 from .loading import TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline
 from .preprocessing.audio import AudioError, load_audio, separate_vocals
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
-from .convert_sat_checkpoint import CheckpointError
 from .video_io import VideoWriter
 
 
@@ -247,15 +247,18 @@ def run_batch(generator: Hallo3Generator, jobs, output_dir: Path, settings: Gene
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        batch = args.input_list is not None
+        if batch == (args.image is not None or args.audio is not None or args.output is not None):
+            parser.error("give either --image, --audio and --output, or --input-list and --output-dir")
+        if not batch and None in (args.image, args.audio, args.output):
+            parser.error("--image, --audio and --output are all needed")
+        if batch and args.output_dir is None:
+            parser.error("--input-list needs --output-dir")
+    except SystemExit as exit_:  # a bad flag (already reported in one line) or --help
+        return exit_.code
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    batch = args.input_list is not None
-    if batch == (args.image is not None or args.audio is not None or args.output is not None):
-        parser.error("give either --image, --audio and --output, or --input-list and --output-dir")
-    if not batch and None in (args.image, args.audio, args.output):
-        parser.error("--image, --audio and --output are all needed")
-    if batch and args.output_dir is None:
-        parser.error("--input-list needs --output-dir")
 
     settings = GenerationSettings(
         prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,

@@ -8,7 +8,6 @@ official sampler and decoded before the next clip is conditioned on its last fra
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -19,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase, T5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .conditioning import audio_windows, clip_audio_indices, gather_clip_audio, motion_frame_mask, num_clips
-from .preprocessing.audio import SAMPLE_RATE, AudioEncoder
+from .preprocessing.audio import AudioEncoder
 from .scheduling_hallo3 import Hallo3DPMScheduler
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 

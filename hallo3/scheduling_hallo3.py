@@ -1,8 +1,7 @@
 """The official Hallo3 sampler as a diffusers scheduler (reference 6.4, 6.5, 7.4, 12.11, 12.12)."""
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -54,3 +54,21 @@ def tiny_inputs(batch_size: int = 2, num_frames: int = 13, text_len: int = 8, ge
         audio_embeds=torch.randn(batch_size, pixel_frames, 5, 12, 16, generator=g) * 0.5,
         reference_hidden_states=[torch.randn(1, 24, 64, generator=g) for _ in range(2)],
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The built-in tiny-random pipeline (random weights), shared by the tests; no progress bars."""
+    from hallo3.loading import build_tiny_random_pipeline
+
+    pipe = build_tiny_random_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_pipeline):
+    from hallo3.inference import Hallo3Generator
+    from hallo3.loading import LoadedModel
+
+    return Hallo3Generator(LoadedModel(tiny_pipeline, "tiny-random", is_random=True), "cpu")

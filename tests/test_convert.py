@@ -4,7 +4,6 @@ import collections
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np

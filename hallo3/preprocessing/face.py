@@ -54,7 +54,7 @@ def face_mask(size: tuple[int, int], box: tuple[float, float, float, float], exp
     top, bottom = max(0, cy - half_h), min(height, cy + half_h)
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[top:bottom, left:right] = 255
-    return Image.fromarray(mask, mode="L")
+    return Image.fromarray(mask)  # uint8 [H, W] -> mode "L"
 
 
 def apply_mask(image: Image.Image, mask: Image.Image) -> Image.Image:

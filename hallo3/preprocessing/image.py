@@ -6,7 +6,6 @@ never cut off (the official centre crop can cut it).
 """
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ class ImageError(ValueError):
 
 
 MAX_PIXELS = 50_000_000
+HEAD_MARGIN = 1.5  # crop window keeps the face box grown by this factor, when it fits
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -91,8 +91,13 @@ def frame_portrait(
         new_w, new_h = width, int(h * width / w)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     if face_box is not None:
+        # a detector box stops at the brows and the chin: keep a margin for hair and neck when it fits
         scale_x, scale_y = new_w / w, new_h / h
         x0, y0, x1, y1 = face_box[0] * scale_x, face_box[1] * scale_y, face_box[2] * scale_x, face_box[3] * scale_y
+        cx, cy, half_w, half_h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * HEAD_MARGIN / 2, (y1 - y0) * HEAD_MARGIN / 2
+        if 2 * half_w <= width and 2 * half_h <= height:
+            x0, x1 = max(0.0, cx - half_w), min(float(new_w), cx + half_w)
+            y0, y1 = max(0.0, cy - half_h), min(float(new_h), cy + half_h)
         left = _shift_to_contain(left, width, x0, x1, new_w)
         top = _shift_to_contain(top, height, y0, y1, new_h)
     framed = [
