@@ -30,6 +30,7 @@ LATENT = (13, 60, 90)
 
 def synthetic_engine(num_layers: int) -> dict[str, torch.Tensor]:
     """An official-layout state dict at the real widths; values are irrelevant for memory, so zeros are used."""
+
     def z(*shape):
         return torch.zeros(shape, dtype=torch.bfloat16)
 
@@ -40,42 +41,76 @@ def synthetic_engine(num_layers: int) -> dict[str, torch.Tensor]:
         sd[root + "time_embed.2.weight"], sd[root + "time_embed.2.bias"] = z(TED, TED), z(TED)
         sd[root + "mixins.pos_embed.pos_embedding"] = z(1, 226 + video_tokens, HIDDEN)
         cos, sin = get_3d_rotary_emb(HEAD_DIM, LATENT[0], LATENT[1] // 2, LATENT[2] // 2)
-        sd[root + "mixins.pos_embed.freqs_cos"], sd[root + "mixins.pos_embed.freqs_sin"] = cos.bfloat16(), sin.bfloat16()
-        sd[root + "mixins.patch_embed.proj.weight"], sd[root + "mixins.patch_embed.proj.bias"] = z(HIDDEN, 32, 2, 2), z(HIDDEN)
+        sd[root + "mixins.pos_embed.freqs_cos"], sd[root + "mixins.pos_embed.freqs_sin"] = (
+            cos.bfloat16(),
+            sin.bfloat16(),
+        )
+        sd[root + "mixins.patch_embed.proj.weight"], sd[root + "mixins.patch_embed.proj.bias"] = (
+            z(HIDDEN, 32, 2, 2),
+            z(HIDDEN),
+        )
         sd[root + "mixins.patch_embed.text_proj.weight"] = z(HIDDEN, TEXT)
         sd[root + "mixins.patch_embed.text_proj.bias"] = z(HIDDEN)
-        sd[root + "mixins.final_layer.norm_final.weight"], sd[root + "mixins.final_layer.norm_final.bias"] = z(HIDDEN), z(HIDDEN)
-        sd[root + "mixins.final_layer.linear.weight"], sd[root + "mixins.final_layer.linear.bias"] = z(64, HIDDEN), z(64)
+        sd[root + "mixins.final_layer.norm_final.weight"], sd[root + "mixins.final_layer.norm_final.bias"] = (
+            z(HIDDEN),
+            z(HIDDEN),
+        )
+        sd[root + "mixins.final_layer.linear.weight"], sd[root + "mixins.final_layer.linear.bias"] = (
+            z(64, HIDDEN),
+            z(64),
+        )
         sd[root + "mixins.final_layer.adaLN_modulation.1.weight"] = z(2 * HIDDEN, TED)
         sd[root + "mixins.final_layer.adaLN_modulation.1.bias"] = z(2 * HIDDEN)
         sd[root + "transformer.position_embeddings.weight"] = z(64, HIDDEN)
-        sd[root + "transformer.final_layernorm.weight"], sd[root + "transformer.final_layernorm.bias"] = z(HIDDEN), z(HIDDEN)
+        sd[root + "transformer.final_layernorm.weight"], sd[root + "transformer.final_layernorm.bias"] = (
+            z(HIDDEN),
+            z(HIDDEN),
+        )
         for i in range(num_layers):
             a = f"{root}mixins.adaln_layer."
-            sd[f"{a}adaLN_modulations.{i}.1.weight"], sd[f"{a}adaLN_modulations.{i}.1.bias"] = z(12 * HIDDEN, TED), z(12 * HIDDEN)
+            sd[f"{a}adaLN_modulations.{i}.1.weight"], sd[f"{a}adaLN_modulations.{i}.1.bias"] = (
+                z(12 * HIDDEN, TED),
+                z(12 * HIDDEN),
+            )
             for kind in ("query", "key"):
-                sd[f"{a}{kind}_layernorm_list.{i}.weight"], sd[f"{a}{kind}_layernorm_list.{i}.bias"] = z(HEAD_DIM), z(HEAD_DIM)
+                sd[f"{a}{kind}_layernorm_list.{i}.weight"], sd[f"{a}{kind}_layernorm_list.{i}.bias"] = (
+                    z(HEAD_DIM),
+                    z(HEAD_DIM),
+                )
             layer = f"{root}transformer.layers.{i}."
             shapes = {
-                "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,),
-                "attention.query_key_value": (3 * HIDDEN, HIDDEN), "attention.dense": (HIDDEN, HIDDEN),
-                "mlp.dense_h_to_4h": (FF, HIDDEN), "mlp.dense_4h_to_h": (HIDDEN, FF),
+                "input_layernorm": (HIDDEN,),
+                "post_attention_layernorm": (HIDDEN,),
+                "attention.query_key_value": (3 * HIDDEN, HIDDEN),
+                "attention.dense": (HIDDEN, HIDDEN),
+                "mlp.dense_h_to_4h": (FF, HIDDEN),
+                "mlp.dense_4h_to_h": (HIDDEN, FF),
             }
             if hallo3:
-                shapes.update({
-                    "face_input_layernorm": (HIDDEN,), "face_attn.query": (HIDDEN, HIDDEN),
-                    "face_attn.key_value": (2 * HIDDEN, 1024), "face_attn.dense": (HIDDEN, HIDDEN),
-                    "audio_input_layernorm": (HIDDEN,), "audio_attn.query": (HIDDEN, HIDDEN),
-                    "audio_attn.key_value": (2 * HIDDEN, 768), "audio_attn.dense": (HIDDEN, HIDDEN),
-                })
+                shapes.update(
+                    {
+                        "face_input_layernorm": (HIDDEN,),
+                        "face_attn.query": (HIDDEN, HIDDEN),
+                        "face_attn.key_value": (2 * HIDDEN, 1024),
+                        "face_attn.dense": (HIDDEN, HIDDEN),
+                        "audio_input_layernorm": (HIDDEN,),
+                        "audio_attn.query": (HIDDEN, HIDDEN),
+                        "audio_attn.key_value": (2 * HIDDEN, 768),
+                        "audio_attn.dense": (HIDDEN, HIDDEN),
+                    }
+                )
             for name, shape in shapes.items():
                 sd[f"{layer}{name}.weight"], sd[f"{layer}{name}.bias"] = z(*shape), z(shape[0])
         if hallo3:
             proj = f"{root}transformer."
             for name, shape in {
-                "audio_proj.proj1": (512, 5 * 12 * 768), "audio_proj.proj2": (512, 512),
-                "audio_proj.proj3": (32 * 768, 512), "audio_proj.norm": (768,),
-                "audio_proj.conv1": (32 * 768, 32 * 768, 2), "face_proj.proj": (4 * 1024, 512), "face_proj.norm": (1024,),
+                "audio_proj.proj1": (512, 5 * 12 * 768),
+                "audio_proj.proj2": (512, 512),
+                "audio_proj.proj3": (32 * 768, 512),
+                "audio_proj.norm": (768,),
+                "audio_proj.conv1": (32 * 768, 32 * 768, 2),
+                "face_proj.proj": (4 * 1024, 512),
+                "face_proj.norm": (1024,),
             }.items():
                 sd[f"{proj}{name}.weight"], sd[f"{proj}{name}.bias"] = z(*shape), z(shape[0])
     return sd
@@ -121,7 +156,11 @@ def run_sampled(cmd: list[str]) -> dict:
     sampler.join()
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed:\n{stderr}")
-    return {"seconds": time.perf_counter() - start, "rss_mib": peaks["VmRSS"] / 1024, "anon_mib": peaks["RssAnon"] / 1024}
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss_mib": peaks["VmRSS"] / 1024,
+        "anon_mib": peaks["RssAnon"] / 1024,
+    }
 
 
 def main() -> None:
@@ -140,18 +179,31 @@ def main() -> None:
     env_python = [sys.executable]
     os.environ["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
 
-    streamed = run_sampled(env_python + [
-        "-m", "hallo3.convert_sat_checkpoint", "--checkpoint", str(args.workdir / "hallo3"),
-        "--output", str(args.workdir / "streamed"), "--max-shard-size", args.max_shard_size,
-    ])
+    streamed = run_sampled(
+        env_python
+        + [
+            "-m",
+            "hallo3.convert_sat_checkpoint",
+            "--checkpoint",
+            str(args.workdir / "hallo3"),
+            "--output",
+            str(args.workdir / "streamed"),
+            "--max-shard-size",
+            args.max_shard_size,
+        ]
+    )
     naive = run_sampled(env_python + ["-c", NAIVE, str(checkpoint), str(args.workdir / "naive")])
 
     print(f"synthetic checkpoint: {size_mib:,.0f} MiB ({args.layers} layers per network, real widths, bf16)")
     print(f"{'variant':<34}{'time s':>8}{'peak RSS MiB':>14}{'peak anon MiB':>15}{'anon / ckpt':>13}")
     for label, r in (("streamed (ours, mmap + shards)", streamed), ("loaded whole (torch.load, 1 file)", naive)):
-        print(f"{label:<34}{r['seconds']:>8.1f}{r['rss_mib']:>14,.0f}{r['anon_mib']:>15,.0f}{r['anon_mib'] / size_mib:>13.2f}")
-    print(f"ratio streamed/whole: peak anon {streamed['anon_mib'] / naive['anon_mib']:.2f}, "
-          f"time {streamed['seconds'] / naive['seconds']:.2f}")
+        print(
+            f"{label:<34}{r['seconds']:>8.1f}{r['rss_mib']:>14,.0f}{r['anon_mib']:>15,.0f}{r['anon_mib'] / size_mib:>13.2f}"
+        )
+    print(
+        f"ratio streamed/whole: peak anon {streamed['anon_mib'] / naive['anon_mib']:.2f}, "
+        f"time {streamed['seconds'] / naive['seconds']:.2f}"
+    )
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 

@@ -189,7 +189,7 @@ def convert_key(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor
             return [(f"{TOP_LEVEL_RENAMES[module]}.{param}", tensor)]
         for sat, ours in (("transformer.audio_proj.", "audio_proj."), ("transformer.face_proj.", "face_proj.")):
             if module.startswith(sat):
-                return [(f"{ours}{module[len(sat):]}.{param}", tensor)]
+                return [(f"{ours}{module[len(sat) :]}.{param}", tensor)]
     raise KeyError(name)
 
 
@@ -286,9 +286,15 @@ def infer_config(shapes: dict[str, torch.Size], official: dict, with_hallo3_modu
             )
 
     # Shapes win; a config that contradicts them describes another model.
-    for ours, theirs in (("num_layers", "num_layers"), ("in_channels", "in_channels"), ("patch_size", "patch_size"),
-                         ("time_embed_dim", "time_embed_dim"), ("attention_head_dim", "hidden_size_head"),
-                         ("text_embed_dim", "text_hidden_size"), ("out_channels", "out_channels")):
+    for ours, theirs in (
+        ("num_layers", "num_layers"),
+        ("in_channels", "in_channels"),
+        ("patch_size", "patch_size"),
+        ("time_embed_dim", "time_embed_dim"),
+        ("attention_head_dim", "hidden_size_head"),
+        ("text_embed_dim", "text_hidden_size"),
+        ("out_channels", "out_channels"),
+    ):
         if theirs in official and official[theirs] != config[ours]:
             raise CheckpointError(
                 f"--config says {theirs}={official[theirs]} but the checkpoint tensors give {config[ours]}; the "
@@ -360,9 +366,9 @@ def split_networks(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, lis
     denoiser, reference, ignored, unknown = {}, {}, [], []
     for key, tensor in state_dict.items():
         if key.startswith(DENOISER_PREFIX):
-            denoiser[key[len(DENOISER_PREFIX):]] = tensor
+            denoiser[key[len(DENOISER_PREFIX) :]] = tensor
         elif key.startswith(REFERENCE_PREFIX):
-            reference[key[len(REFERENCE_PREFIX):]] = tensor
+            reference[key[len(REFERENCE_PREFIX) :]] = tensor
         elif key.startswith(IGNORED_PREFIXES):
             ignored.append(key)
         else:
@@ -373,8 +379,10 @@ def split_networks(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, lis
             f"(first keys: {', '.join(list(state_dict)[:3]) or 'none'})."
         )
     if "transformer.face_proj.proj.weight" not in denoiser:
-        raise CheckpointError("the denoiser has no face modules (transformer.face_proj): this is a stock CogVideoX "
-                              "checkpoint, not Hallo3. Load its diffusers release as the stage-1 starting point.")
+        raise CheckpointError(
+            "the denoiser has no face modules (transformer.face_proj): this is a stock CogVideoX "
+            "checkpoint, not Hallo3. Load its diffusers release as the stage-1 starting point."
+        )
     if not reference:
         raise CheckpointError(f"no {REFERENCE_PREFIX}* tensors: the Hallo3 reference network is missing.")
     if unknown:
@@ -437,7 +445,10 @@ def convert_network(
 
 
 def convert(
-    checkpoint: Path, output: Path, config_path: Path | None = None, max_shard_bytes: int = 2 * 2**30,
+    checkpoint: Path,
+    output: Path,
+    config_path: Path | None = None,
+    max_shard_bytes: int = 2 * 2**30,
     overwrite: bool = False,
 ) -> Path:
     """Convert an official checkpoint into `output/{transformer,reference_net}`; atomic."""
@@ -462,8 +473,12 @@ def convert(
             ("reference_net", reference, Hallo3ReferenceNet, reference_config),
         ):
             unused = convert_network(network, model_cls, config, staging / label, max_shard_bytes)
-            logger.info("%s: %d tensors written; unused official keys left out: %s",
-                        label, len(network) - len(unused), ", ".join(unused) or "none")
+            logger.info(
+                "%s: %d tensors written; unused official keys left out: %s",
+                label,
+                len(network) - len(unused),
+                ", ".join(unused) or "none",
+            )
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         staging.rename(output)
@@ -475,8 +490,12 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="official hallo3 folder (with `latest`) or its mp_rank_00_model_states.pt")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="official hallo3 folder (with `latest`) or its mp_rank_00_model_states.pt",
+    )
     parser.add_argument("--output", type=Path, required=True, help="new folder for transformer/ and reference_net/")
     parser.add_argument("--config", type=Path, help="official yaml/json config, for what tensor shapes cannot tell")
     parser.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard")

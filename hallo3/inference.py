@@ -59,8 +59,10 @@ class GenerationSettings:
         rules = [
             (self.num_inference_steps >= 1, f"steps must be >= 1, got {self.num_inference_steps}"),
             (self.guidance_scale >= 1, f"guidance scale must be >= 1, got {self.guidance_scale}"),
-            (self.audio_guidance_scale is None or self.audio_guidance_scale >= 0,
-             f"audio guidance scale must be >= 0, got {self.audio_guidance_scale}"),
+            (
+                self.audio_guidance_scale is None or self.audio_guidance_scale >= 0,
+                f"audio guidance scale must be >= 0, got {self.audio_guidance_scale}",
+            ),
             (0 <= self.motion_frames <= 3, f"motion frames must be 0..3 (2 as trained), got {self.motion_frames}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}"),
         ]
@@ -116,7 +118,9 @@ class Hallo3Generator:
         self.pipeline.to(device)
         self.face_analyzer = FaceAnalyzer(model.face_analysis_dir)
 
-    def prepare(self, image_path: str | Path, audio_path: str | Path, max_audio_seconds: float | None) -> PreparedInputs:
+    def prepare(
+        self, image_path: str | Path, audio_path: str | Path, max_audio_seconds: float | None
+    ) -> PreparedInputs:
         """Validate and preprocess the two files; raises an `INPUT_ERRORS` class naming the file and the rule."""
         image = load_image(image_path)
         face = self.face_analyzer.analyze(image, name=f"image {image_path}")
@@ -131,8 +135,13 @@ class Hallo3Generator:
         embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
         return PreparedInputs(framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path)
 
-    def generate(self, image_path: str | Path, audio_path: str | Path, output_path: str | Path,
-                 settings: GenerationSettings | None = None) -> GenerationResult:
+    def generate(
+        self,
+        image_path: str | Path,
+        audio_path: str | Path,
+        output_path: str | Path,
+        settings: GenerationSettings | None = None,
+    ) -> GenerationResult:
         """Make the mp4 at `output_path`; nothing is written unless it completes."""
         settings = settings or GenerationSettings()
         settings.validate()
@@ -141,9 +150,13 @@ class Hallo3Generator:
         inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds)
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         started = time.perf_counter()
-        metadata = {"comment": f"hallo3 | model: {self.model.label} | seed {seed} | steps "
-                               f"{settings.num_inference_steps} | guidance {settings.guidance_scale}"}
-        with VideoWriter(output_path, fps=self.pipeline.fps, audio_path=inputs.audio_path, metadata=metadata) as writer:
+        metadata = {
+            "comment": f"hallo3 | model: {self.model.label} | seed {seed} | steps "
+            f"{settings.num_inference_steps} | guidance {settings.guidance_scale}"
+        }
+        with VideoWriter(
+            output_path, fps=self.pipeline.fps, audio_path=inputs.audio_path, metadata=metadata
+        ) as writer:
             output = self.pipeline(
                 image=inputs.image,
                 audio=inputs.waveform,
@@ -162,8 +175,12 @@ class Hallo3Generator:
                 disable_audio=settings.disable_audio,
             )
         return GenerationResult(
-            path=output_path, num_frames=output.num_frames, seconds=time.perf_counter() - started, seed=seed,
-            settings={**asdict(settings), "seed": seed}, model=self.model.label,
+            path=output_path,
+            num_frames=output.num_frames,
+            seconds=time.perf_counter() - started,
+            seed=seed,
+            settings={**asdict(settings), "seed": seed},
+            model=self.model.label,
         )
 
 
@@ -187,8 +204,11 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=TINY_RANDOM,
-                        help="converted folder, official pretrained_models/ folder, Hub repo id, or tiny-random")
+    parser.add_argument(
+        "--model",
+        default=TINY_RANDOM,
+        help="converted folder, official pretrained_models/ folder, Hub repo id, or tiny-random",
+    )
     parser.add_argument("--base-model", default="THUDM/CogVideoX-5b-I2V", help="T5/VAE source for converted folders")
     parser.add_argument("--image", type=Path, help="portrait photo")
     parser.add_argument("--audio", type=Path, help="speech recording (wav, mp3, flac, m4a, ogg, ...)")
@@ -198,11 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="batch: folder for the videos")
     parser.add_argument("--steps", type=positive_int, default=50, help="sampler steps per clip")
     parser.add_argument("--guidance-scale", type=float, default=3.5, help="joint text+audio guidance")
-    parser.add_argument("--audio-guidance-scale", type=float, default=None,
-                        help="separate audio guidance (adds a third branch unless equal to --guidance-scale)")
+    parser.add_argument(
+        "--audio-guidance-scale",
+        type=float,
+        default=None,
+        help="separate audio guidance (adds a third branch unless equal to --guidance-scale)",
+    )
     parser.add_argument("--dynamic-cfg", action="store_true", help="ramp guidance from 1 over the steps")
-    parser.add_argument("--motion-frames", type=int, default=2, choices=range(0, 4), metavar="{0..3}",
-                        help="frames carried between clips (2 as trained)")
+    parser.add_argument(
+        "--motion-frames",
+        type=int,
+        default=2,
+        choices=range(0, 4),
+        metavar="{0..3}",
+        help="frames carried between clips (2 as trained)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
     parser.add_argument("--max-audio-seconds", type=float, default=600.0, help="refuse longer audio")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,8 +256,14 @@ def read_input_list(path: Path) -> list[tuple[str, Path, Path]]:
     return jobs
 
 
-def run_batch(generator: Hallo3Generator, jobs, output_dir: Path, settings: GenerationSettings,
-              process_index: int = 0, num_processes: int = 1) -> int:
+def run_batch(
+    generator: Hallo3Generator,
+    jobs,
+    output_dir: Path,
+    settings: GenerationSettings,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> int:
     """Run this process's share of the jobs; a failed job is reported and the rest go on. Returns failures."""
     failures = 0
     for index in range(process_index, len(jobs), num_processes):
@@ -240,8 +276,14 @@ def run_batch(generator: Hallo3Generator, jobs, output_dir: Path, settings: Gene
             failures += 1
             print(f"error: job {index + 1} ({image.name}, {audio.name}): {error}", file=sys.stderr)
             continue
-        logger.info("job %d: %s (%d frames, %.1f s, seed %d)", index + 1, result.path, result.num_frames,
-                    result.seconds, result.seed)
+        logger.info(
+            "job %d: %s (%d frames, %.1f s, seed %d)",
+            index + 1,
+            result.path,
+            result.num_frames,
+            result.seconds,
+            result.seed,
+        )
     return failures
 
 
@@ -261,9 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     settings = GenerationSettings(
-        prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        audio_guidance_scale=args.audio_guidance_scale, use_dynamic_cfg=args.dynamic_cfg,
-        motion_frames=args.motion_frames, seed=args.seed, max_audio_seconds=args.max_audio_seconds,
+        prompt=args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        audio_guidance_scale=args.audio_guidance_scale,
+        use_dynamic_cfg=args.dynamic_cfg,
+        motion_frames=args.motion_frames,
+        seed=args.seed,
+        max_audio_seconds=args.max_audio_seconds,
     )
     try:
         settings.validate()
@@ -294,11 +341,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # an internal failure: one line, the traceback on request
         if args.debug:
             raise
-        print(f"error: internal failure ({type(error).__name__}: {error}); rerun with --debug for details.",
-              file=sys.stderr)
+        print(
+            f"error: internal failure ({type(error).__name__}: {error}); rerun with --debug for details.",
+            file=sys.stderr,
+        )
         return 1
-    logger.info("Wrote %s (%d frames, %.1f s, seed %d) with %s", result.path, result.num_frames, result.seconds,
-                result.seed, loaded.label)
+    logger.info(
+        "Wrote %s (%d frames, %.1f s, seed %d) with %s",
+        result.path,
+        result.num_frames,
+        result.seconds,
+        result.seed,
+        loaded.label,
+    )
     return 0
 
 

@@ -69,46 +69,86 @@ def tiny_tokenizer():
     tokenizer.decoder = decoders.Metaspace()
     corpus = [
         "A woman talking on a dimly lit beach with the waves of the sea behind her",
-        "A little girl talking around a campfire", "An older man with messy hair is on vacation at the beach",
-        "A lady wearing light makeup stands in front of a tropical tree and speaks", "a person speaks to the camera",
+        "A little girl talking around a campfire",
+        "An older man with messy hair is on vacation at the beach",
+        "A lady wearing light makeup stands in front of a tropical tree and speaks",
+        "a person speaks to the camera",
     ]
     trainer = trainers.UnigramTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
     tokenizer.train_from_iterator(corpus, trainer)
     from tokenizers.processors import TemplateProcessing
 
     tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0)
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
 
 
 def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
     """The whole Hallo3 path at toy size (64x96 px, 2 layers): seconds per clip on a CPU. Random weights."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                           num_heads=4, decoder_start_token_id=0))
-    vae = AutoencoderKLCogVideoX(
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,
-        scaling_factor=0.7, sample_height=64, sample_width=96,
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
+        )
     )
-    audio_encoder = Wav2Vec2Model(Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
-        conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, do_stable_layer_norm=False,
-    ))
-    audio_feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
-                                                       return_attention_mask=False)
-    stock = dict(num_attention_heads=2, attention_head_dim=32, time_embed_dim=32, text_embed_dim=32, num_layers=2,
-                 sample_width=12, sample_height=8, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        scaling_factor=0.7,
+        sample_height=64,
+        sample_width=96,
+    )
+    audio_encoder = Wav2Vec2Model(
+        Wav2Vec2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(16,) * 7,
+            conv_stride=(5, 2, 2, 2, 2, 2, 2),
+            conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+            do_stable_layer_norm=False,
+        )
+    )
+    audio_feature_extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False
+    )
+    stock = dict(
+        num_attention_heads=2,
+        attention_head_dim=32,
+        time_embed_dim=32,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=12,
+        sample_height=8,
+        max_text_seq_length=16,
+    )
     transformer = Hallo3Transformer3DModel(
-        **stock, face_hidden_size=40, num_face_tokens=4, audio_num_layers=2, audio_channels=32,
-        audio_intermediate_dim=32, audio_hidden_size=24, num_audio_tokens=4,
+        **stock,
+        face_hidden_size=40,
+        num_face_tokens=4,
+        audio_num_layers=2,
+        audio_channels=32,
+        audio_intermediate_dim=32,
+        audio_hidden_size=24,
+        num_audio_tokens=4,
     )
     reference_net = Hallo3ReferenceNet(**stock)
     return Hallo3Pipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer.eval(),
-        reference_net=reference_net.eval(), scheduler=Hallo3DPMScheduler(),
-        audio_feature_extractor=audio_feature_extractor, audio_encoder=audio_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        reference_net=reference_net.eval(),
+        scheduler=Hallo3DPMScheduler(),
+        audio_feature_extractor=audio_feature_extractor,
+        audio_encoder=audio_encoder.eval(),
     )
 
 

@@ -70,7 +70,11 @@ class RecordedEngine:
         model_input = torch.cat([cfg_batch(x), self.concat], dim=2)
         timesteps = torch.full((2,), float(timestep))
         return self.transformer(
-            model_input, self.text, timesteps, reference_hidden_states=self.bank, face_embeds=self.face,
+            model_input,
+            self.text,
+            timesteps,
+            reference_hidden_states=self.bank,
+            face_embeds=self.face,
             audio_embeds=self.audio,
         ).sample
 
@@ -142,7 +146,9 @@ def check_sampler(engine: RecordedEngine, recorded: dict, trace: dict, seed: int
     replay = torch.Generator().manual_seed(seed)
     draws = [key for key in recorded if key.startswith("samp.randn.")]
     for j in range(len(draws)):
-        report.compare(f"samp.randn.{j} (draw order)", torch.randn(x.shape, generator=replay), recorded[f"samp.randn.{j}"])
+        report.compare(
+            f"samp.randn.{j} (draw order)", torch.randn(x.shape, generator=replay), recorded[f"samp.randn.{j}"]
+        )
 
 
 def run(fixture: Path, tolerance: float) -> Report:
@@ -153,8 +159,9 @@ def run(fixture: Path, tolerance: float) -> Report:
     forward = load_file(fixture / "forward.safetensors")
 
     with tempfile.TemporaryDirectory() as workdir:
-        converted = convert(fixture / "checkpoint", Path(workdir) / "converted",
-                            config_path if config_path.is_file() else None)
+        converted = convert(
+            fixture / "checkpoint", Path(workdir) / "converted", config_path if config_path.is_file() else None
+        )
         transformer = Hallo3Transformer3DModel.from_pretrained(converted / "transformer").eval()
         reference_net = Hallo3ReferenceNet.from_pretrained(converted / "reference_net").eval()
 
@@ -177,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted max abs error")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    missing = [name for name in ("checkpoint", "inputs.safetensors", "forward.safetensors")
-               if not (args.fixture / name).exists()]
+    missing = [
+        name
+        for name in ("checkpoint", "inputs.safetensors", "forward.safetensors")
+        if not (args.fixture / name).exists()
+    ]
     if missing:
         print(f"error: {args.fixture} is not a parity fixture: missing {', '.join(missing)}.", file=sys.stderr)
         return 2

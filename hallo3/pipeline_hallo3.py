@@ -80,8 +80,13 @@ class Hallo3Pipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-            reference_net=reference_net, scheduler=scheduler, audio_feature_extractor=audio_feature_extractor,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            reference_net=reference_net,
+            scheduler=scheduler,
+            audio_feature_extractor=audio_feature_extractor,
             audio_encoder=audio_encoder,
         )
         self.vae_scale_factor_spatial = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -118,8 +123,17 @@ class Hallo3Pipeline(DiffusionPipeline):
     # ---------------------------------------------------------------------------------------------------------------
     # Steps of the recipe
 
-    def check_inputs(self, image, audio, num_inference_steps, guidance_scale, audio_guidance_scale, motion_frames,
-                     callback_on_step_end_tensor_inputs, output_type):
+    def check_inputs(
+        self,
+        image,
+        audio,
+        num_inference_steps,
+        guidance_scale,
+        audio_guidance_scale,
+        motion_frames,
+        callback_on_step_end_tensor_inputs,
+        output_type,
+    ):
         if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             raise ValueError(f"`image` must be a PIL image, an array or a tensor, got {type(image).__name__}.")
         if not isinstance(audio, (np.ndarray, torch.Tensor)) or audio.ndim != 1 or len(audio) == 0:
@@ -141,13 +155,19 @@ class Hallo3Pipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'np', 'pt' or 'pil', got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}; got {unknown}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}; got {unknown}."
+            )
 
     def encode_prompt(self, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """T5 states [1, S, D], padded to the transformer's text length, without an attention mask (reference 6.3)."""
         max_length = self.transformer.config.max_text_seq_length
         input_ids = self.tokenizer(
-            [prompt], padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+            [prompt],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(input_ids.to(device))[0].to(dtype)
@@ -181,8 +201,9 @@ class Hallo3Pipeline(DiffusionPipeline):
         return ((frames[0].float() + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
 
     @torch.no_grad()
-    def compute_reference_bank(self, reference_image: torch.Tensor, text_shape: torch.Size,
-                               generator: torch.Generator | None) -> list[torch.Tensor]:
+    def compute_reference_bank(
+        self, reference_image: torch.Tensor, text_shape: torch.Size, generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
         """Per-layer identity tokens of the face-masked reference image, at t=0 with zero text (reference 4.2).
 
         They depend on neither the clip nor the step, so the video computes them once.
@@ -192,8 +213,13 @@ class Hallo3Pipeline(DiffusionPipeline):
         model_input = torch.cat([reference_latent, reference_latent], dim=2).to(self.reference_net.dtype)
         return self.reference_net(model_input, zero_text, torch.zeros(1, device=reference_latent.device))
 
-    def prepare_image_latents(self, image: torch.Tensor, motion: torch.Tensor | None, num_latent_frames: int,
-                              generator: torch.Generator | None) -> torch.Tensor:
+    def prepare_image_latents(
+        self,
+        image: torch.Tensor,
+        motion: torch.Tensor | None,
+        num_latent_frames: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         """The conditioning latent: VAE of [reference frame, masked motion frames] + zero frames (reference 6.1)."""
         frames = [image]
         if motion is not None:
@@ -203,7 +229,9 @@ class Hallo3Pipeline(DiffusionPipeline):
         padding = latent.new_zeros(1, num_latent_frames - latent.shape[1], *latent.shape[2:])
         return torch.cat([latent, padding], dim=1)
 
-    def guide(self, prediction: torch.Tensor, guidance_scale: float, audio_guidance_scale: float | None) -> torch.Tensor:
+    def guide(
+        self, prediction: torch.Tensor, guidance_scale: float, audio_guidance_scale: float | None
+    ) -> torch.Tensor:
         """Classifier-free guidance over the batched branches.
 
         Two rows [uncond, cond]: v = u + g (c - u), the official joint guidance. Three rows [uncond, text only, cond]:
@@ -269,8 +297,16 @@ class Hallo3Pipeline(DiffusionPipeline):
             ```
         """
         # 1. Check inputs
-        self.check_inputs(image, audio, num_inference_steps, guidance_scale, audio_guidance_scale, motion_frames,
-                          callback_on_step_end_tensor_inputs, output_type)
+        self.check_inputs(
+            image,
+            audio,
+            num_inference_steps,
+            guidance_scale,
+            audio_guidance_scale,
+            motion_frames,
+            callback_on_step_end_tensor_inputs,
+            output_type,
+        )
         if audio_guidance_scale is not None and audio_guidance_scale == guidance_scale:
             audio_guidance_scale = None  # the official two-branch guidance, no extra pass
         device = self._execution_device
@@ -301,8 +337,13 @@ class Hallo3Pipeline(DiffusionPipeline):
 
         # 6. Clip loop
         latent_frames = (self.clip_length - 1) // self.vae_scale_factor_temporal + 1
-        latent_shape = (1, latent_frames, self.transformer.config.out_channels, self.height // self.vae_scale_factor_spatial,
-                        self.width // self.vae_scale_factor_spatial)
+        latent_shape = (
+            1,
+            latent_frames,
+            self.transformer.config.out_channels,
+            self.height // self.vae_scale_factor_spatial,
+            self.width // self.vae_scale_factor_spatial,
+        )
         total_clips = num_clips(num_frames, self.clip_length, motion_frames)
         motion = image[None].expand(motion_frames, -1, -1, -1) if motion_frames else None  # clip 0: the image itself
         kept_frames, frames_done = [], 0
@@ -319,8 +360,18 @@ class Hallo3Pipeline(DiffusionPipeline):
                 image_latents = image_latents.expand(num_branches, -1, -1, -1, -1).to(dtype)
                 latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
                 latents = self.denoise(
-                    latents, image_latents, text, bank, face_embeds, audio_rows, num_inference_steps,
-                    guidance_scale, audio_guidance_scale, use_dynamic_cfg, generator, callback_on_step_end,
+                    latents,
+                    image_latents,
+                    text,
+                    bank,
+                    face_embeds,
+                    audio_rows,
+                    num_inference_steps,
+                    guidance_scale,
+                    audio_guidance_scale,
+                    use_dynamic_cfg,
+                    generator,
+                    callback_on_step_end,
                     callback_on_step_end_tensor_inputs,
                 )
 
@@ -356,19 +407,36 @@ class Hallo3Pipeline(DiffusionPipeline):
         return (frames.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
 
     def denoise(
-        self, latents, image_latents, text, bank, face_embeds, audio_rows, num_inference_steps, guidance_scale,
-        audio_guidance_scale, use_dynamic_cfg, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        self,
+        latents,
+        image_latents,
+        text,
+        bank,
+        face_embeds,
+        audio_rows,
+        num_inference_steps,
+        guidance_scale,
+        audio_guidance_scale,
+        use_dynamic_cfg,
+        generator,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
     ) -> torch.Tensor:
         """One clip's sampling loop; returns the clean latents [1, F, C, h, w]."""
         num_branches = text.shape[0]
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         with self.progress_bar(total=num_inference_steps, desc="steps", leave=False) as step_bar:
             for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype),
-                                         image_latents], dim=2)
+                model_input = torch.cat(
+                    [latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype), image_latents], dim=2
+                )
                 prediction = self.transformer(
-                    model_input, text, t.expand(num_branches).float(), reference_hidden_states=bank,
-                    face_embeds=face_embeds, audio_embeds=audio_rows,
+                    model_input,
+                    text,
+                    t.expand(num_branches).float(),
+                    reference_hidden_states=bank,
+                    face_embeds=face_embeds,
+                    audio_embeds=audio_rows,
                 ).sample.float()
                 scale, audio_scale = guidance_scale, audio_guidance_scale
                 if use_dynamic_cfg:

@@ -109,9 +109,7 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         return sample  # c_in = 1 for the VP parameterisation
 
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = a x0 + sqrt(1 - a^2) eps with a from the training table (used by training)."""
         a = self.train_alphas_cumprod_sqrt.to(original_samples.device)[timesteps.long()]
         a = a.view(-1, *([1] * (original_samples.ndim - 1))).to(original_samples.dtype)

@@ -128,11 +128,17 @@ class Hallo3AttnProcessor:
 
         if image_rotary_emb is not None:
             query = torch.cat(
-                [query[:, :text_seq_length], apply_rotary_emb(query[:, text_seq_length:], image_rotary_emb, sequence_dim=1)],
+                [
+                    query[:, :text_seq_length],
+                    apply_rotary_emb(query[:, text_seq_length:], image_rotary_emb, sequence_dim=1),
+                ],
                 dim=1,
             )
             key = torch.cat(
-                [key[:, :text_seq_length], apply_rotary_emb(key[:, text_seq_length:], image_rotary_emb, sequence_dim=1)],
+                [
+                    key[:, :text_seq_length],
+                    apply_rotary_emb(key[:, text_seq_length:], image_rotary_emb, sequence_dim=1),
+                ],
                 dim=1,
             )
 
@@ -317,7 +323,11 @@ class Hallo3Block(nn.Module):
         # 1. Self-attention
         self.norm1 = CogVideoXLayerNormZero(time_embed_dim, dim, norm_elementwise_affine, norm_eps, bias=True)
         self.attn1 = Hallo3Attention(
-            dim, num_attention_heads, attention_head_dim, bias=attention_bias, eps=qk_norm_eps,
+            dim,
+            num_attention_heads,
+            attention_head_dim,
+            bias=attention_bias,
+            eps=qk_norm_eps,
             elementwise_affine=norm_elementwise_affine,
         )
 
@@ -326,14 +336,24 @@ class Hallo3Block(nn.Module):
         if face_hidden_size is not None:
             self.norm_face = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
             self.attn_face = Hallo3Attention(
-                dim, num_attention_heads, attention_head_dim, kv_dim=face_hidden_size, bias=attention_bias,
-                qk_norm=False, processor=Hallo3CrossAttnProcessor(),
+                dim,
+                num_attention_heads,
+                attention_head_dim,
+                kv_dim=face_hidden_size,
+                bias=attention_bias,
+                qk_norm=False,
+                processor=Hallo3CrossAttnProcessor(),
             )
         if audio_hidden_size is not None:
             self.norm_audio = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
             self.attn_audio = Hallo3Attention(
-                dim, num_attention_heads, attention_head_dim, kv_dim=audio_hidden_size, bias=attention_bias,
-                qk_norm=False, processor=Hallo3CrossAttnProcessor(),
+                dim,
+                num_attention_heads,
+                attention_head_dim,
+                kv_dim=audio_hidden_size,
+                bias=attention_bias,
+                qk_norm=False,
+                processor=Hallo3CrossAttnProcessor(),
             )
 
         # 3. Feed-forward
@@ -357,7 +377,10 @@ class Hallo3Block(nn.Module):
         queries = norm(hidden_states).reshape(batch_size * num_frames, tokens_per_frame, -1)  # b-major, frame-minor
         frame0_rotary_emb = (image_rotary_emb[0][:tokens_per_frame], image_rotary_emb[1][:tokens_per_frame])
         out = attn(
-            queries, context_tokens, norm_q=self.attn1.norm_q, norm_k=self.attn1.norm_k,
+            queries,
+            context_tokens,
+            norm_q=self.attn1.norm_q,
+            norm_k=self.attn1.norm_k,
             query_rotary_emb=frame0_rotary_emb,
         )
         return out.reshape(batch_size, num_frames * tokens_per_frame, -1)
@@ -388,7 +411,9 @@ class Hallo3Block(nn.Module):
             hidden_states, encoder_hidden_states, temb
         )
         attn_hidden_states, attn_encoder_hidden_states = self.attn1(
-            norm_hidden_states, norm_encoder_hidden_states, image_rotary_emb=image_rotary_emb,
+            norm_hidden_states,
+            norm_encoder_hidden_states,
+            image_rotary_emb=image_rotary_emb,
             reference_key_value=reference_key_value,
         )
         hidden_states = hidden_states + gate_msa * attn_hidden_states
@@ -460,7 +485,11 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
         audio_hidden_size: int | None = None,
     ):
         super().__init__()
-        if not (use_rotary_positional_embeddings and use_learned_positional_embeddings) or patch_size_t or ofs_embed_dim:
+        if (
+            not (use_rotary_positional_embeddings and use_learned_positional_embeddings)
+            or patch_size_t
+            or ofs_embed_dim
+        ):
             raise ValueError(
                 "Hallo3 is built on CogVideoX-5B-I2V 1.0 (RoPE and learned positions, no temporal patches, no ofs "
                 "embedding); this config describes another CogVideoX variant."
@@ -538,7 +567,11 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
         text_seq_length = encoder_hidden_states.shape[1]
         p = self.config.patch_size
         image_rotary_emb = get_3d_rotary_emb(
-            self.config.attention_head_dim, num_frames, height // p, width // p, self.config.rope_theta,
+            self.config.attention_head_dim,
+            num_frames,
+            height // p,
+            width // p,
+            self.config.rope_theta,
             device=hidden_states.device,
         )
         return tokens[:, text_seq_length:], tokens[:, :text_seq_length], temb, image_rotary_emb
@@ -609,12 +642,36 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         num_audio_tokens: int = 32,
     ):
         super().__init__(
-            num_attention_heads, attention_head_dim, in_channels, out_channels, flip_sin_to_cos, freq_shift,
-            time_embed_dim, text_embed_dim, num_layers, dropout, attention_bias, sample_width, sample_height,
-            sample_frames, patch_size, temporal_compression_ratio, max_text_seq_length, activation_fn,
-            timestep_activation_fn, norm_elementwise_affine, norm_eps, final_norm_eps, qk_norm_eps, ff_inner_dim,
-            rope_theta, use_rotary_positional_embeddings, use_learned_positional_embeddings, patch_size_t,
-            ofs_embed_dim, face_hidden_size=face_hidden_size,
+            num_attention_heads,
+            attention_head_dim,
+            in_channels,
+            out_channels,
+            flip_sin_to_cos,
+            freq_shift,
+            time_embed_dim,
+            text_embed_dim,
+            num_layers,
+            dropout,
+            attention_bias,
+            sample_width,
+            sample_height,
+            sample_frames,
+            patch_size,
+            temporal_compression_ratio,
+            max_text_seq_length,
+            activation_fn,
+            timestep_activation_fn,
+            norm_elementwise_affine,
+            norm_eps,
+            final_norm_eps,
+            qk_norm_eps,
+            ff_inner_dim,
+            rope_theta,
+            use_rotary_positional_embeddings,
+            use_learned_positional_embeddings,
+            patch_size_t,
+            ofs_embed_dim,
+            face_hidden_size=face_hidden_size,
             audio_hidden_size=audio_hidden_size if add_audio_module else None,
         )
         # 5. Conditioning projections, computed once per forward and shared by every block
@@ -623,8 +680,13 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         if add_audio_module:
             num_compressions = int(math.log2(temporal_compression_ratio))
             self.audio_proj = AudioProjection(
-                audio_window, audio_num_layers, audio_channels, audio_intermediate_dim, audio_hidden_size,
-                num_audio_tokens, num_compressions,
+                audio_window,
+                audio_num_layers,
+                audio_channels,
+                audio_intermediate_dim,
+                audio_hidden_size,
+                num_audio_tokens,
+                num_compressions,
             )
 
     def reference_key_values(self, reference_hidden_states: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
@@ -701,8 +763,14 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         for i, block in enumerate(self.transformer_blocks):
             reference_key_value = reference_key_values[i] if reference_key_values is not None else None
             hidden_states, encoder_hidden_states = self.run_block(
-                block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, reference_key_value,
-                face_tokens, audio_tokens,
+                block,
+                hidden_states,
+                encoder_hidden_states,
+                temb,
+                image_rotary_emb,
+                reference_key_value,
+                face_tokens,
+                audio_tokens,
             )
 
         # 5. Output layers and unpatchify: feature order (channel, dy, dx)
@@ -759,11 +827,34 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
         ofs_embed_dim: int | None = None,
     ):
         super().__init__(
-            num_attention_heads, attention_head_dim, in_channels, out_channels, flip_sin_to_cos, freq_shift,
-            time_embed_dim, text_embed_dim, num_layers, dropout, attention_bias, sample_width, sample_height,
-            sample_frames, patch_size, temporal_compression_ratio, max_text_seq_length, activation_fn,
-            timestep_activation_fn, norm_elementwise_affine, norm_eps, final_norm_eps, qk_norm_eps, ff_inner_dim,
-            rope_theta, use_rotary_positional_embeddings, use_learned_positional_embeddings, patch_size_t,
+            num_attention_heads,
+            attention_head_dim,
+            in_channels,
+            out_channels,
+            flip_sin_to_cos,
+            freq_shift,
+            time_embed_dim,
+            text_embed_dim,
+            num_layers,
+            dropout,
+            attention_bias,
+            sample_width,
+            sample_height,
+            sample_frames,
+            patch_size,
+            temporal_compression_ratio,
+            max_text_seq_length,
+            activation_fn,
+            timestep_activation_fn,
+            norm_elementwise_affine,
+            norm_eps,
+            final_norm_eps,
+            qk_norm_eps,
+            ff_inner_dim,
+            rope_theta,
+            use_rotary_positional_embeddings,
+            use_learned_positional_embeddings,
+            patch_size_t,
             ofs_embed_dim,
         )
 

@@ -27,8 +27,14 @@ class VideoWriter:
         metadata (`dict`, *optional*): container tags, e.g. {"comment": "..."}.
     """
 
-    def __init__(self, path: str | Path, fps: int = 25, audio_path: str | Path | None = None,
-                 metadata: dict[str, str] | None = None, crf: int = 18):
+    def __init__(
+        self,
+        path: str | Path,
+        fps: int = 25,
+        audio_path: str | Path | None = None,
+        metadata: dict[str, str] | None = None,
+        crf: int = 18,
+    ):
         self.path = Path(path)
         self.fps = fps
         self.audio_path = audio_path
@@ -41,8 +47,22 @@ class VideoWriter:
         self.temp_path = Path(temp)
 
     def _start(self, height: int, width: int) -> None:
-        cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-               "-r", str(self.fps), "-i", "-"]
+        cmd = [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{width}x{height}",
+            "-r",
+            str(self.fps),
+            "-i",
+            "-",
+        ]
         if self.audio_path is not None:
             cmd += ["-i", str(self.audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"]
         cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(self.crf), "-movflags", "+faststart"]
@@ -104,8 +124,25 @@ def probe_video(path: str | Path) -> dict:
     audio = re.search(r"Audio: (\w+)", info)
     audio_seconds = None
     if audio:
-        pcm = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", "16000",
-                              "-f", "f32le", "-"], capture_output=True)
+        pcm = subprocess.run(
+            [
+                ffmpeg_exe(),
+                "-v",
+                "error",
+                "-i",
+                str(path),
+                "-map",
+                "0:a:0",
+                "-ac",
+                "1",
+                "-ar",
+                "16000",
+                "-f",
+                "f32le",
+                "-",
+            ],
+            capture_output=True,
+        )
         audio_seconds = len(pcm.stdout) / 4 / 16000
     return {
         "ok": decoded.returncode == 0,

@@ -32,8 +32,17 @@ TINY_TRANSFORMER = dict(
     audio_hidden_size=24,
     num_audio_tokens=4,
 )
-HALLO3_ONLY = ("face_embed_dim", "face_hidden_size", "num_face_tokens", "audio_window", "audio_num_layers",
-               "audio_channels", "audio_intermediate_dim", "audio_hidden_size", "num_audio_tokens")
+HALLO3_ONLY = (
+    "face_embed_dim",
+    "face_hidden_size",
+    "num_face_tokens",
+    "audio_window",
+    "audio_num_layers",
+    "audio_channels",
+    "audio_intermediate_dim",
+    "audio_hidden_size",
+    "num_audio_tokens",
+)
 TINY_STOCK = {k: v for k, v in TINY_TRANSFORMER.items() if k not in HALLO3_ONLY}
 
 

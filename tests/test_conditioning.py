@@ -25,7 +25,7 @@ def test_every_output_frame_is_conditioned_on_its_own_audio_frame():
                 assert (indices[:motion] == -1).all()  # the first clip's motion frames hear silence
             else:
                 previous = clip_audio_indices(clip - 1, padded, 49, motion)
-                assert torch.equal(indices[:motion], previous[49 - motion :][: motion]) or motion == 0
+                assert torch.equal(indices[:motion], previous[49 - motion :][:motion]) or motion == 0
             seen += indices[motion:].tolist()
         assert seen[:num_frames] == list(range(num_frames)), (num_frames, motion)
 

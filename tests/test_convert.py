@@ -75,7 +75,7 @@ def test_adaln_chunks_are_regrouped_video_then_text(converted, official):
 
 def test_shapes_alone_give_the_same_architecture(official):
     """Without a config the latent grid comes from the RoPE tables and the official 2:3 aspect."""
-    shapes = {k[len("model.diffusion_model."):]: v.shape for k, v in official.items() if k.startswith("model.")}
+    shapes = {k[len("model.diffusion_model.") :]: v.shape for k, v in official.items() if k.startswith("model.")}
     from_shapes = infer_config(shapes, {}, with_hallo3_modules=True)
     with_config = infer_config(shapes, read_official_config(FIXTURE_A / "config.json"), with_hallo3_modules=True)
     assert from_shapes == with_config
@@ -86,7 +86,8 @@ def test_deepspeed_bookkeeping_loads_and_frozen_models_are_ignored(tmp_path, off
     module["first_stage_model.encoder.conv_in.weight"] = torch.zeros(2)
     module["conditioner.embedders.0.transformer.shared.weight"] = torch.zeros(2)
     path = save_engine(
-        tmp_path, module,
+        tmp_path,
+        module,
         buffer_names=["model.diffusion_model.mixins.pos_embed.freqs_sin"],
         param_shapes=[collections.OrderedDict(a=torch.Size([2, 3]))],
         sparse_tensor_module_names=set(),
@@ -139,8 +140,7 @@ def test_bad_inputs_get_one_line_errors_and_leave_nothing(tmp_path, make_input, 
 
 
 def test_a_stock_cogvideox_checkpoint_is_named_as_such(tmp_path, official):
-    stock = {k: v for k, v in official.items()
-             if k.startswith("model.") and "face" not in k and "audio" not in k}
+    stock = {k: v for k, v in official.items() if k.startswith("model.") and "face" not in k and "audio" not in k}
     with pytest.raises(CheckpointError, match="stock CogVideoX"):
         convert(save_engine(tmp_path, stock), tmp_path / "out")
     assert leftovers(tmp_path) == ["mp_rank_00_model_states.pt"]

@@ -23,8 +23,24 @@ def short_speech(path, seconds=1.0, rate=44100):
 @pytest.mark.parametrize("image, audio", [("0001.jpg", "0001.mp3"), ("0008.jpg", "0008.wav")])
 def test_real_examples_end_to_end(tmp_path, image, audio):
     output = tmp_path / "talking.mp4"
-    code = main(["--model", "tiny-random", "--image", str(ASSETS / image), "--audio", str(ASSETS / audio),
-                 "--prompt", "a person talking", "--output", str(output), "--steps", "1", "--seed", "3"])
+    code = main(
+        [
+            "--model",
+            "tiny-random",
+            "--image",
+            str(ASSETS / image),
+            "--audio",
+            str(ASSETS / audio),
+            "--prompt",
+            "a person talking",
+            "--output",
+            str(output),
+            "--steps",
+            "1",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     seconds = len(load_audio(ASSETS / audio)) / 16000
     video = probe_video(output)
@@ -41,51 +57,102 @@ def bad_input_cases(tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture")
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "noise.mp3").write_bytes(np.random.default_rng(0).bytes(5000))
-    Image.fromarray(np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))).convert("RGB").save(tmp_path / "wall.png")
+    Image.fromarray(np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))).convert("RGB").save(
+        tmp_path / "wall.png"
+    )
     small = Image.new("RGB", (1200, 1200), (40, 90, 40))
     small.paste(Image.open(good_image).resize((110, 110)), (500, 500))
     small.save(tmp_path / "far.png")
     out = str(tmp_path / "out.mp4")
     return {
-        "missing image": (["--image", str(tmp_path / "nope.jpg"), "--audio", str(good_audio), "--output", out],
-                          "no such file"),
-        "not an image": (["--image", str(tmp_path / "notes.jpg"), "--audio", str(good_audio), "--output", out],
-                         "not an image file"),
-        "no face": (["--image", str(tmp_path / "wall.png"), "--audio", str(good_audio), "--output", out],
-                    "no face found"),
-        "tiny face": (["--image", str(tmp_path / "far.png"), "--audio", str(good_audio), "--output", out],
-                      "at least 48 px"),
-        "empty audio": (["--image", str(good_image), "--audio", str(tmp_path / "empty.wav"), "--output", out],
-                        "the file is empty"),
-        "non-audio": (["--image", str(good_image), "--audio", str(tmp_path / "noise.mp3"), "--output", out],
-                      "not a readable audio file"),
-        "missing audio": (["--image", str(good_image), "--audio", str(tmp_path / "nope.wav"), "--output", out],
-                          "no such file"),
-        "output folder missing": (["--image", str(good_image), "--audio", str(good_audio), "--output",
-                                   str(tmp_path / "nowhere" / "out.mp4")], "does not exist"),
-        "output not mp4": (["--image", str(good_image), "--audio", str(good_audio), "--output",
-                            str(tmp_path / "out.avi")], "must end in .mp4"),
-        "bad steps": (["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--steps", "0"],
-                      "--steps: must be >= 1"),
-        "bad motion frames": (["--image", str(good_image), "--audio", str(good_audio), "--output", out,
-                               "--motion-frames", "5"], "--motion-frames"),
-        "bad guidance": (["--image", str(good_image), "--audio", str(good_audio), "--output", out,
-                          "--guidance-scale", "0.2"], "guidance scale must be >= 1"),
-        "too long audio": (["--image", str(good_image), "--audio", str(good_audio), "--output", out,
-                            "--max-audio-seconds", "0.5"], "longer than the maximum of 0.5 s"),
+        "missing image": (
+            ["--image", str(tmp_path / "nope.jpg"), "--audio", str(good_audio), "--output", out],
+            "no such file",
+        ),
+        "not an image": (
+            ["--image", str(tmp_path / "notes.jpg"), "--audio", str(good_audio), "--output", out],
+            "not an image file",
+        ),
+        "no face": (
+            ["--image", str(tmp_path / "wall.png"), "--audio", str(good_audio), "--output", out],
+            "no face found",
+        ),
+        "tiny face": (
+            ["--image", str(tmp_path / "far.png"), "--audio", str(good_audio), "--output", out],
+            "at least 48 px",
+        ),
+        "empty audio": (
+            ["--image", str(good_image), "--audio", str(tmp_path / "empty.wav"), "--output", out],
+            "the file is empty",
+        ),
+        "non-audio": (
+            ["--image", str(good_image), "--audio", str(tmp_path / "noise.mp3"), "--output", out],
+            "not a readable audio file",
+        ),
+        "missing audio": (
+            ["--image", str(good_image), "--audio", str(tmp_path / "nope.wav"), "--output", out],
+            "no such file",
+        ),
+        "output folder missing": (
+            [
+                "--image",
+                str(good_image),
+                "--audio",
+                str(good_audio),
+                "--output",
+                str(tmp_path / "nowhere" / "out.mp4"),
+            ],
+            "does not exist",
+        ),
+        "output not mp4": (
+            ["--image", str(good_image), "--audio", str(good_audio), "--output", str(tmp_path / "out.avi")],
+            "must end in .mp4",
+        ),
+        "bad steps": (
+            ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--steps", "0"],
+            "--steps: must be >= 1",
+        ),
+        "bad motion frames": (
+            ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--motion-frames", "5"],
+            "--motion-frames",
+        ),
+        "bad guidance": (
+            ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--guidance-scale", "0.2"],
+            "guidance scale must be >= 1",
+        ),
+        "too long audio": (
+            ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--max-audio-seconds", "0.5"],
+            "longer than the maximum of 0.5 s",
+        ),
     }
 
 
-CASES = ["missing image", "not an image", "no face", "tiny face", "empty audio", "non-audio", "missing audio",
-         "output folder missing", "output not mp4", "bad steps", "bad motion frames", "bad guidance", "too long audio"]
+CASES = [
+    "missing image",
+    "not an image",
+    "no face",
+    "tiny face",
+    "empty audio",
+    "non-audio",
+    "missing audio",
+    "output folder missing",
+    "output not mp4",
+    "bad steps",
+    "bad motion frames",
+    "bad guidance",
+    "too long audio",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, capsys, case):
     argv, message = bad_input_cases(tmp_path)[case]
     before = set(tmp_path.rglob("*"))
-    code = main(["--model", "tiny-random", "--steps", "1", *argv] if "--steps" not in argv else
-                ["--model", "tiny-random", *argv])
+    code = main(
+        ["--model", "tiny-random", "--steps", "1", *argv]
+        if "--steps" not in argv
+        else ["--model", "tiny-random", *argv]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
@@ -101,8 +168,20 @@ def test_batch_mode_reports_a_failed_job_and_finishes_the_others(tmp_path, capsy
         "No face here@@blank.png@@a.wav\n"
         f"An older man talking@@{ASSETS / '0008.jpg'}@@a.wav\n"
     )
-    code = main(["--model", "tiny-random", "--input-list", str(tmp_path / "jobs.txt"), "--output-dir",
-                 str(tmp_path / "videos"), "--steps", "1", "--seed", "0"])
+    code = main(
+        [
+            "--model",
+            "tiny-random",
+            "--input-list",
+            str(tmp_path / "jobs.txt"),
+            "--output-dir",
+            str(tmp_path / "videos"),
+            "--steps",
+            "1",
+            "--seed",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "job 2 (blank.png, a.wav): image" in err and "no face found" in err
@@ -138,6 +217,10 @@ def test_a_failure_mid_video_leaves_no_file(tmp_path, tiny_generator, monkeypatc
     original = tiny_generator.pipeline.decode_latents
     monkeypatch.setattr(tiny_generator.pipeline, "decode_latents", failing_decode)
     with pytest.raises(RuntimeError, match="out of memory"):
-        tiny_generator.generate(ASSETS / "0001.jpg", short_speech(tmp_path / "a.wav", 2.5), tmp_path / "v.mp4",
-                                GenerationSettings(num_inference_steps=1))
+        tiny_generator.generate(
+            ASSETS / "0001.jpg",
+            short_speech(tmp_path / "a.wav", 2.5),
+            tmp_path / "v.mp4",
+            GenerationSettings(num_inference_steps=1),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]

@@ -16,8 +16,17 @@ def test_every_recorded_tensor_matches_fixture_a(capsys):
     report = run(FIXTURE_A, tolerance=1e-5)
     out = capsys.readouterr().out
     assert not report.failed, out
-    for name in ("fwd.ref_bank.0", "fwd.audio_tokens", "fwd.face_tokens", "fwd.layer_out.0", "fwd.net_out",
-                 "fwd.denoised", "samp.final_latent", "samp.call4.guided", "samp.step4.x_in"):
+    for name in (
+        "fwd.ref_bank.0",
+        "fwd.audio_tokens",
+        "fwd.face_tokens",
+        "fwd.layer_out.0",
+        "fwd.net_out",
+        "fwd.denoised",
+        "samp.final_latent",
+        "samp.call4.guided",
+        "samp.step4.x_in",
+    ):
         assert name in out
     assert 0 < report.worst <= 1e-5
 

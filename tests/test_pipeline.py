@@ -131,12 +131,15 @@ def test_reference_net_runs_once_per_video(tiny_pipeline):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"motion_frames": 4}, "motion_frames` must be 0..3"),
-    ({"num_inference_steps": 0}, "at least 1"),
-    ({"guidance_scale": 0.5}, "guidance_scale` must be >= 1"),
-    ({"output_type": "latent"}, "output_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"motion_frames": 4}, "motion_frames` must be 0..3"),
+        ({"num_inference_steps": 0}, "at least 1"),
+        ({"guidance_scale": 0.5}, "guidance_scale` must be >= 1"),
+        ({"output_type": "latent"}, "output_type"),
+    ],
+)
 def test_bad_arguments_name_the_rule(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run(tiny_pipeline, **kwargs)

@@ -101,16 +101,32 @@ def test_m4a_decodes_through_ffmpeg(tmp_path):
 
     from hallo3.preprocessing.audio import ffmpeg_exe
 
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=1.2",
-                    "-c:a", "aac", str(tmp_path / "speech.m4a")], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=300:duration=1.2",
+            "-c:a",
+            "aac",
+            str(tmp_path / "speech.m4a"),
+        ],
+        check=True,
+    )
     waveform = load_audio(tmp_path / "speech.m4a")
     assert abs(len(waveform) / 16000 - 1.2) < 0.05
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "the file is empty"),
-    (b"this is not audio at all" * 20, "not a readable audio file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "the file is empty"),
+        (b"this is not audio at all" * 20, "not a readable audio file"),
+    ],
+)
 def test_empty_and_non_audio_files_are_named(tmp_path, content, message):
     (tmp_path / "voice.wav").write_bytes(content)
     with pytest.raises(AudioError, match=f"voice.wav: {message}"):

@@ -13,7 +13,9 @@ from hallo3.transformer_hallo3 import get_3d_rotary_emb
 from .conftest import FIXTURE_A, TINY_STOCK, TINY_TRANSFORMER, tiny_inputs
 
 
-HALLO3_KEY = re.compile(r"^(audio_proj|face_proj)\.|^transformer_blocks\.\d+\.(norm_face|attn_face|norm_audio|attn_audio)\.")
+HALLO3_KEY = re.compile(
+    r"^(audio_proj|face_proj)\.|^transformer_blocks\.\d+\.(norm_face|attn_face|norm_audio|attn_audio)\."
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,10 @@ def stock_folder(tmp_path_factory):
 
 def test_stock_weights_load_with_exactly_the_hallo3_keys_missing(stock_folder):
     model, info = Hallo3Transformer3DModel.from_pretrained(
-        stock_folder, low_cpu_mem_usage=False, output_loading_info=True, **{
-            k: v for k, v in TINY_TRANSFORMER.items() if k not in TINY_STOCK
-        }
+        stock_folder,
+        low_cpu_mem_usage=False,
+        output_loading_info=True,
+        **{k: v for k, v in TINY_TRANSFORMER.items() if k not in TINY_STOCK},
     )
     ours = set(model.state_dict())
     expected_missing = {key for key in ours if HALLO3_KEY.search(key)}
@@ -53,7 +56,9 @@ def test_without_hallo3_inputs_the_denoiser_is_stock_cogvideox(stock_folder):
     """No reference, face or audio: our blocks must reduce to diffusers' CogVideoX blocks exactly."""
     stock = CogVideoXTransformer3DModel.from_pretrained(stock_folder).eval()
     ours = Hallo3Transformer3DModel.from_pretrained(
-        stock_folder, low_cpu_mem_usage=False, final_norm_eps=1e-5,  # diffusers' norm_out eps, for this comparison
+        stock_folder,
+        low_cpu_mem_usage=False,
+        final_norm_eps=1e-5,  # diffusers' norm_out eps, for this comparison
         **{k: v for k, v in TINY_TRANSFORMER.items() if k not in TINY_STOCK},
     ).eval()
     inputs = tiny_inputs()
@@ -93,7 +98,9 @@ def test_precomputed_conditioning_gives_the_same_output():
     inputs = tiny_inputs()
     expected = model(**inputs).sample
     precomputed = model(
-        inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
+        inputs["hidden_states"],
+        inputs["encoder_hidden_states"],
+        inputs["timestep"],
         reference_key_values=model.reference_key_values(inputs["reference_hidden_states"]),
         face_tokens=model.face_proj(inputs["face_embeds"]),
         audio_tokens=model.audio_proj(inputs["audio_embeds"]),

@@ -39,8 +39,22 @@ def ffmpeg_exe() -> str:
 
 def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     result = subprocess.run(
-        [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", str(path), "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE),
-         "-f", "f32le", "-"],
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-nostdin",
+            "-i",
+            str(path),
+            "-vn",
+            "-ac",
+            "1",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-f",
+            "f32le",
+            "-",
+        ],
         capture_output=True,
     )
     if result.returncode != 0:
@@ -144,8 +158,12 @@ class AudioEncoder:
         # the outputs of transformer layers 1..L (the official `hidden_states[1:]`); transformers 5 collects hidden
         # states only in the top-level forward, which would skip our interpolation, so hooks collect them here
         layer_outputs = []
-        hooks = [layer.register_forward_hook(lambda m, args, out: layer_outputs.append(out[0] if isinstance(out, tuple) else out))
-                 for layer in self.model.encoder.layers]
+        hooks = [
+            layer.register_forward_hook(
+                lambda m, args, out: layer_outputs.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for layer in self.model.encoder.layers
+        ]
         try:
             self.model.encoder(hidden_states)
         finally:

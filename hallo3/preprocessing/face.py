@@ -99,19 +99,24 @@ class FaceAnalyzer:
         rgb = np.asarray(image)
         if self._insightface is not None:
             faces = self._insightface.get(rgb[:, :, ::-1].copy())  # insightface expects BGR
-            return [(tuple(float(v) for v in face.bbox), np.asarray(face.embedding, dtype=np.float32)) for face in faces]
+            return [
+                (tuple(float(v) for v in face.bbox), np.asarray(face.embedding, dtype=np.float32)) for face in faces
+            ]
         import cv2
 
         if self._haar is None:
             # precise first, then more permissive; the profile cascade looks one way, so it also runs mirrored
-            self._haar = [cv2.CascadeClassifier(cv2.data.haarcascades + f"haarcascade_{name}.xml")
-                          for name in ("frontalface_alt2", "frontalface_default", "profileface")]
+            self._haar = [
+                cv2.CascadeClassifier(cv2.data.haarcascades + f"haarcascade_{name}.xml")
+                for name in ("frontalface_alt2", "frontalface_default", "profileface")
+            ]
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         boxes = []
         for cascade in self._haar:
             for mirrored in (False, True) if cascade is self._haar[-1] else (False,):
-                found = cascade.detectMultiScale(cv2.flip(gray, 1) if mirrored else gray, scaleFactor=1.05,
-                                                 minNeighbors=4, minSize=(24, 24))
+                found = cascade.detectMultiScale(
+                    cv2.flip(gray, 1) if mirrored else gray, scaleFactor=1.05, minNeighbors=4, minSize=(24, 24)
+                )
                 width = gray.shape[1]
                 boxes += [(width - x - w if mirrored else x, y, w, h) for x, y, w, h in found]
             if boxes:

@@ -61,7 +61,10 @@ class Framing:
 
 
 def frame_portrait(
-    image: Image.Image, face_box: tuple[float, float, float, float] | None, width: int, height: int,
+    image: Image.Image,
+    face_box: tuple[float, float, float, float] | None,
+    width: int,
+    height: int,
     extra_images: tuple[Image.Image, ...] = (),
 ) -> tuple[list[Image.Image], Framing]:
     """Fit `image` (and `extra_images` of the same size, e.g. its face-masked copy) to `width` x `height`.
