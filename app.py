@@ -1,0 +1,284 @@
+"""Gradio app for Hallo3: a Generate tab and an Ablation tab over `hallo3.inference`.
+
+    python app.py [--model M] [--host H] [--port P] [--share]
+
+Without real weights it starts on the tiny-random model with a banner that says so. The widgets live here; the
+library (`hallo3`) has no gradio import. Named API endpoints: /generate and /ablation (see the README).
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from hallo3.inference import INPUT_ERRORS, GenerationSettings, Hallo3Generator
+from hallo3.loading import TINY_RANDOM, load_pipeline
+from hallo3.memory import apply_memory_mode, available_memory_modes
+
+
+try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
+    import spaces
+
+    GPU = spaces.GPU
+except ImportError:
+
+    def GPU(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+
+logger = logging.getLogger("hallo3.app")
+
+ASSETS = Path(__file__).parent / "assets"
+EXAMPLES = [
+    [str(ASSETS / "examples" / "0001.jpg"), str(ASSETS / "examples" / "0001.mp3"), "A little girl talking around a campfire"],
+    [str(ASSETS / "examples" / "0008.jpg"), str(ASSETS / "examples" / "0008.wav"),
+     "An older man with messy hair is on vacation at the beach, posting selfie videos"],
+]
+MAX_VARIANTS = 4
+OUTPUT_TTL_SECONDS = 3600
+# axis label -> (GenerationSettings field, how to read one value, default values)
+ABLATION_AXES = {
+    "CFG scale": ("guidance_scale", float, "2.0, 3.5, 5.0"),
+    "audio guidance scale": ("audio_guidance_scale", float, "1.0, 3.5, 6.0"),
+    "motion frames": ("motion_frames", int, "1, 2, 3"),
+    "identity reference": ("disable_reference", lambda v: v.strip().lower() == "off", "on, off"),
+    "face embedding": ("disable_face_embedding", lambda v: v.strip().lower() == "off", "on, off"),
+    "audio conditioning": ("disable_audio", lambda v: v.strip().lower() == "off", "on, off"),
+    "steps": ("num_inference_steps", int, "10, 25, 50"),
+    "seed": ("seed", int, "0, 1, 2"),
+}
+RANDOM_BANNER = (
+    "⚠️ **Demo mode: tiny random model.** The videos below come from random weights and look like noise; they only "
+    "show that the whole path works. To run the real Hallo3: download the official weights "
+    "(`hf download fudan-generative-ai/hallo3 --local-dir pretrained_models`) and start "
+    "`python app.py --model pretrained_models`, or pass a converted folder (see the README)."
+)
+
+
+class Hallo3App:
+    """The model shared by every request, and the functions behind the buttons.
+
+    Args:
+        generator (`Hallo3Generator`): the loaded model; one per process, protected by the queue's concurrency 1.
+        output_dir (`Path`): where videos are written; files older than an hour are removed.
+        max_audio_seconds (`float`): uploads longer than this are refused.
+    """
+
+    def __init__(self, generator: Hallo3Generator, output_dir: Path, max_audio_seconds: float = 120.0,
+                 memory_mode: str = "none"):
+        self.generator = generator
+        self.output_dir = output_dir
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.max_audio_seconds = max_audio_seconds
+        self.memory_mode = memory_mode
+        self.lock = threading.Lock()
+
+    def clean_old_outputs(self) -> None:
+        cutoff = time.time() - OUTPUT_TTL_SECONDS
+        for path in self.output_dir.glob("*.mp4"):
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+
+    def set_memory_mode(self, mode: str) -> None:
+        if mode and mode != self.memory_mode:
+            apply_memory_mode(self.generator.pipeline, mode)
+            self.memory_mode = mode
+
+    def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> tuple[str, float, int]:
+        """One video; user errors become gr.Error so the page shows them and the app keeps serving."""
+        if not image:
+            raise gr.Error("Upload a portrait image first.")
+        if not audio:
+            raise gr.Error("Upload or record the speech audio first.")
+        settings.max_audio_seconds = self.max_audio_seconds
+        self.clean_old_outputs()
+        output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
+        output.unlink()  # the writer creates it atomically
+        try:
+            with self.lock:
+                result = self.generator.generate(image, audio, output, settings)
+        except (*INPUT_ERRORS, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # keep serving; the log has the traceback
+            logger.exception("generation failed")
+            raise gr.Error(f"Internal error ({type(error).__name__}): {error}") from None
+        return str(result.path), result.seconds, result.seed
+
+    def generate(
+        self,
+        image: str | None,
+        audio: str | None,
+        prompt: str,
+        guidance_scale: float,
+        audio_guidance_scale: float,
+        motion_frames: int,
+        steps: int,
+        seed: int,
+        randomize_seed: bool,
+        memory_mode: str,
+        progress=gr.Progress(track_tqdm=True),
+    ) -> tuple[str, str]:
+        self.set_memory_mode(memory_mode)
+        settings = GenerationSettings(
+            prompt=prompt or "", num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
+            audio_guidance_scale=float(audio_guidance_scale), motion_frames=int(motion_frames),
+            seed=None if randomize_seed else int(seed),
+        )
+        path, seconds, used_seed = self.run(image, audio, settings)
+        summary = (
+            f"**Model:** {self.generator.model.label}  \n**Time:** {seconds:.1f} s  \n**Settings:** steps "
+            f"{settings.num_inference_steps}, CFG {settings.guidance_scale}, audio guidance "
+            f"{settings.audio_guidance_scale}, motion frames {settings.motion_frames}, seed {used_seed}, memory "
+            f"{self.memory_mode}"
+        )
+        return path, summary
+
+    def generate_example(self, image: str, audio: str, prompt: str, progress=gr.Progress(track_tqdm=True)):
+        """An example with the default settings (cached after its first run)."""
+        return self.generate(image, audio, prompt, 3.5, 3.5, 2, 50 if not self.generator.model.is_random else 4, 42,
+                             False, self.memory_mode)
+
+    def ablation(
+        self,
+        image: str | None,
+        audio: str | None,
+        prompt: str,
+        axis: str,
+        values: str,
+        guidance_scale: float,
+        audio_guidance_scale: float,
+        motion_frames: int,
+        steps: int,
+        seed: int,
+        progress=gr.Progress(track_tqdm=True),
+    ) -> tuple:
+        """2-4 variants along one axis, same inputs and seed; returns MAX_VARIANTS video slots and a summary."""
+        if axis not in ABLATION_AXES:
+            raise gr.Error(f"Pick an axis: {', '.join(ABLATION_AXES)}.")
+        field_name, parse, _ = ABLATION_AXES[axis]
+        texts = [v.strip() for v in (values or "").split(",") if v.strip()]
+        if not 2 <= len(texts) <= MAX_VARIANTS:
+            raise gr.Error(f"Give 2 to {MAX_VARIANTS} comma-separated values for {axis}; got {len(texts)}.")
+        try:
+            parsed = [parse(text) for text in texts]
+        except ValueError:
+            raise gr.Error(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
+
+        slots, lines = [], []
+        for text, value in zip(texts, parsed):
+            settings = GenerationSettings(
+                prompt=prompt or "", num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
+                audio_guidance_scale=float(audio_guidance_scale), motion_frames=int(motion_frames), seed=int(seed),
+            )
+            setattr(settings, field_name, value)
+            path, seconds, _ = self.run(image, audio, settings)
+            label = f"{axis} = {text} · {seconds:.1f} s"
+            slots.append(gr.update(value=path, label=label, visible=True))
+            lines.append(f"| {text} | {seconds:.1f} s |")
+        slots += [gr.update(value=None, visible=False)] * (MAX_VARIANTS - len(slots))
+        summary = f"**{axis}**, seed {int(seed)}, {int(steps)} steps\n\n| value | time |\n|---|---|\n" + "\n".join(lines)
+        return (*slots, summary)
+
+
+def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.Blocks:
+    """The page; `app` supplies the event functions. Nothing here loads weights."""
+    # gradio's own upload/result cache is swept hourly: files older than an hour go
+    with gr.Blocks(title="Hallo3 talking portraits", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
+        gr.Markdown("# Hallo3: talking portraits from one photo and a speech recording")
+        if is_random:
+            gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Portrait", type="filepath", sources=["upload", "webcam"], elem_id="image")
+                audio = gr.Audio(label="Speech", type="filepath", sources=["upload", "microphone"], elem_id="audio")
+                prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
+            with gr.Column():
+                guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.5, label="Guidance (CFG) scale", elem_id="cfg")
+                audio_guidance = gr.Slider(0.0, 10.0, value=3.5, step=0.5, label="Audio guidance scale",
+                                           info="equal to CFG: the official joint guidance, no extra pass")
+                motion_frames = gr.Slider(0, 3, value=2, step=1, label="Motion frames", info="2 as trained")
+                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
+                with gr.Row():
+                    seed = gr.Number(value=42, precision=0, label="Seed", minimum=0)
+                    randomize = gr.Checkbox(value=False, label="Random seed")
+                memory_mode = gr.Dropdown(memory_modes, value=memory_modes[0], label="Memory mode",
+                                          info="the modes this machine supports")
+
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                video = gr.Video(label="Result", elem_id="result-video")
+                summary = gr.Markdown(elem_id="result-summary")
+                gr.Examples(
+                    examples=EXAMPLES, inputs=[image, audio, prompt], outputs=[video, summary], label="Examples",
+                    fn=GPU(app.generate_example, duration=300), cache_examples=True, cache_mode="lazy",
+                )
+            with gr.Tab("Ablation", id="ablation"):
+                gr.Markdown("Run 2-4 variants along one axis over the same inputs and seed; the other settings come "
+                            "from the controls above.")
+                with gr.Row():
+                    axis = gr.Dropdown(list(ABLATION_AXES), value="CFG scale", label="Axis", elem_id="axis")
+                    values = gr.Textbox(value=ABLATION_AXES["CFG scale"][2], label="Values (comma-separated)",
+                                        elem_id="values")
+                ablation_button = gr.Button("Run ablation", variant="primary", elem_id="ablation-btn")
+                with gr.Row():
+                    variant_videos = [gr.Video(visible=False, elem_id=f"variant-{i}") for i in range(MAX_VARIANTS)]
+                ablation_summary = gr.Markdown(elem_id="ablation-summary")
+
+        axis.change(lambda name: ABLATION_AXES[name][2], inputs=axis, outputs=values, api_visibility="private")
+        generate_button.click(
+            GPU(app.generate, duration=300),
+            inputs=[image, audio, prompt, guidance, audio_guidance, motion_frames, steps, seed, randomize, memory_mode],
+            outputs=[video, summary],
+            api_name="generate",
+        )
+        ablation_button.click(
+            GPU(app.ablation, duration=900),
+            inputs=[image, audio, prompt, axis, values, guidance, audio_guidance, motion_frames, steps, seed],
+            outputs=[*variant_videos, ablation_summary],
+            api_name="ablation",
+        )
+    return demo
+
+
+def default_model() -> str:
+    """Real weights when they are where the official instructions put them; tiny-random otherwise."""
+    if os.environ.get("HALLO3_MODEL"):
+        return os.environ["HALLO3_MODEL"]
+    local = Path("pretrained_models")
+    return str(local) if (local / "hallo3" / "latest").is_file() or (local / "model_index.json").is_file() else TINY_RANDOM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Hallo3 Gradio app")
+    parser.add_argument("--model", default=None, help="model source (default: pretrained_models/ or tiny-random)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="public gradio.live link")
+    parser.add_argument("--max-audio-seconds", type=float, default=120.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_pipeline(args.model or default_model(), torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    output_dir = Path(tempfile.gettempdir()) / "hallo3-app"
+    app = Hallo3App(Hallo3Generator(model, device), output_dir, args.max_audio_seconds)
+    demo = build_demo(app, model.is_random, available_memory_modes())
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb", show_error=True,
+                    allowed_paths=[str(ASSETS)])
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

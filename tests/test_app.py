@@ -1,0 +1,156 @@
+"""The Gradio app, launched for real on localhost with the tiny-random model: API client and a real browser."""
+
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+import app as app_module
+from hallo3.video_io import probe_video
+
+from .conftest import ASSETS
+
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def speech_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    t = np.arange(int(16000 * 1.2)) / 16000
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_generator, tmp_path_factory):
+    app = app_module.Hallo3App(tiny_generator, tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0)
+    demo = app_module.build_demo(app, is_random=True, memory_modes=["none"])
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            show_error=True, allowed_paths=[str(app_module.ASSETS)], max_file_size="50mb")
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def generate_args(image, audio, steps=1):
+    from gradio_client import handle_file
+
+    return (handle_file(str(image)), handle_file(str(audio)), "a person talking", 3.5, 3.5, 2, steps, 7, False, "none")
+
+
+def test_named_endpoints(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/generate", "/ablation"} <= set(endpoints)
+
+
+def test_generate_returns_an_mp4_with_audio(client, speech_file):
+    video, summary = client.predict(*generate_args(ASSETS / "0001.jpg", speech_file), api_name="/generate")
+    path = video["video"] if isinstance(video, dict) else video
+    info = probe_video(path)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 30
+    assert "seed 7" in summary and "RANDOM WEIGHTS" in summary
+
+
+@pytest.mark.parametrize("bad", ["no-face", "not-audio", "too-long", "not-image"])
+def test_a_bad_upload_is_an_error_and_the_next_request_works(client, speech_file, tmp_path, bad):
+    from gradio_client.exceptions import AppError
+
+    image, audio = ASSETS / "0001.jpg", speech_file
+    if bad == "no-face":
+        from PIL import Image
+
+        image = tmp_path / "wall.png"
+        Image.fromarray(np.full((240, 320, 3), 90, dtype=np.uint8)).save(image)
+        expected = "no face found"
+    elif bad == "not-audio":
+        audio = tmp_path / "voice.mp3"
+        audio.write_bytes(b"definitely not audio" * 50)
+        expected = "not a readable audio file"
+    elif bad == "too-long":
+        audio = tmp_path / "long.wav"
+        soundfile.write(audio, np.zeros(16000 * 8, dtype=np.float32), 16000)
+        expected = "longer than the maximum of 5 s"
+    else:
+        image = tmp_path / "photo.png"
+        image.write_text("not an image")
+        expected = "image"
+    with pytest.raises(AppError, match=expected):
+        client.predict(*generate_args(image, audio), api_name="/generate")
+    video, _ = client.predict(*generate_args(ASSETS / "0008.jpg", speech_file), api_name="/generate")
+    assert video
+
+
+def test_ablation_returns_one_video_per_variant(client, speech_file):
+    from gradio_client import handle_file
+
+    result = client.predict(handle_file(str(ASSETS / "0001.jpg")), handle_file(str(speech_file)), "", "CFG scale",
+                            "2.0, 5.0, 7.5", 3.5, 3.5, 2, 1, 3, api_name="/ablation")
+    *videos, summary = result
+    assert len(videos) == app_module.MAX_VARIANTS
+    made = [v for v in videos if v and (v.get("video") if isinstance(v, dict) and "video" in v else v.get("value"))]
+    assert len(made) == 3
+    assert "| 7.5 |" in summary
+
+
+def test_only_its_own_files_are_served(server):
+    base = server.rstrip("/")
+    for path in ("/etc/passwd", str(Path(app_module.__file__).resolve())):
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"{base}/gradio_api/file={path}")
+        assert denied.value.code == 403
+    assert urllib.request.urlopen(f"{base}/gradio_api/file={ASSETS / '0001.jpg'}").status == 200
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Debian chromium is not installed")
+def test_real_browser_generate_then_ablation(server, speech_file):
+    playwright = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(server)
+        page.get_by_text("Demo mode: tiny random model").wait_for()
+        page.locator("#image input[type=file]").set_input_files(str(ASSETS / "0001.jpg"))
+        page.locator("#audio input[type=file]").set_input_files(str(speech_file))
+        page.locator("#audio audio").first.wait_for(state="attached", timeout=30_000)  # a waveform shows; <audio> is hidden
+        steps = page.locator("#steps input[type=number]")
+        steps.fill("1")
+        steps.press("Enter")
+        page.locator("#generate-btn").click()
+        video = page.locator("#result-video video")
+        video.wait_for(timeout=120_000)
+        page.wait_for_function("document.querySelector('#result-video video').readyState >= 2", timeout=60_000)
+        assert "seed 42" in page.locator("#result-summary").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
+
+        page.get_by_role("tab", name="Ablation").click()
+        page.locator("#values textarea, #values input").first.fill("2.0, 6.0")
+        page.locator("#ablation-btn").click()
+        page.locator("#variant-1 video").wait_for(timeout=180_000)
+        page.wait_for_function("document.querySelector('#variant-1 video').readyState >= 2", timeout=60_000)
+        summary = page.locator("#ablation-summary").inner_text()
+        assert "6.0" in summary and "2.0" in summary
+        assert not page.locator("#variant-2 video").is_visible()
+        page.screenshot(path=str(ARTIFACTS / "app-ablation.png"), full_page=True)
+        browser.close()
