@@ -36,9 +36,16 @@ logger = logging.getLogger("hallo3.app")
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = [
-    [str(ASSETS / "examples" / "0001.jpg"), str(ASSETS / "examples" / "0001.mp3"), "A little girl talking around a campfire"],
-    [str(ASSETS / "examples" / "0008.jpg"), str(ASSETS / "examples" / "0008.wav"),
-     "An older man with messy hair is on vacation at the beach, posting selfie videos"],
+    [
+        str(ASSETS / "examples" / "0001.jpg"),
+        str(ASSETS / "examples" / "0001.mp3"),
+        "A little girl talking around a campfire",
+    ],
+    [
+        str(ASSETS / "examples" / "0008.jpg"),
+        str(ASSETS / "examples" / "0008.wav"),
+        "An older man with messy hair is on vacation at the beach, posting selfie videos",
+    ],
 ]
 MAX_VARIANTS = 4
 OUTPUT_TTL_SECONDS = 3600
@@ -70,8 +77,9 @@ class Hallo3App:
         max_audio_seconds (`float`): uploads longer than this are refused.
     """
 
-    def __init__(self, generator: Hallo3Generator, output_dir: Path, max_audio_seconds: float = 120.0,
-                 memory_mode: str = "none"):
+    def __init__(
+        self, generator: Hallo3Generator, output_dir: Path, max_audio_seconds: float = 120.0, memory_mode: str = "none"
+    ):
         self.generator = generator
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +134,11 @@ class Hallo3App:
     ) -> tuple[str, str]:
         self.set_memory_mode(memory_mode)
         settings = GenerationSettings(
-            prompt=prompt or "", num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
-            audio_guidance_scale=float(audio_guidance_scale), motion_frames=int(motion_frames),
+            prompt=prompt or "",
+            num_inference_steps=int(steps),
+            guidance_scale=float(guidance_scale),
+            audio_guidance_scale=float(audio_guidance_scale),
+            motion_frames=int(motion_frames),
             seed=None if randomize_seed else int(seed),
         )
         path, seconds, used_seed = self.run(image, audio, settings)
@@ -141,8 +152,18 @@ class Hallo3App:
 
     def generate_example(self, image: str, audio: str, prompt: str, progress=gr.Progress(track_tqdm=True)):
         """An example with the default settings (cached after its first run)."""
-        return self.generate(image, audio, prompt, 3.5, 3.5, 2, 50 if not self.generator.model.is_random else 4, 42,
-                             False, self.memory_mode)
+        return self.generate(
+            image,
+            audio,
+            prompt,
+            3.5,
+            3.5,
+            2,
+            50 if not self.generator.model.is_random else 4,
+            42,
+            False,
+            self.memory_mode,
+        )
 
     def ablation(
         self,
@@ -173,8 +194,12 @@ class Hallo3App:
         slots, lines = [], []
         for text, value in zip(texts, parsed):
             settings = GenerationSettings(
-                prompt=prompt or "", num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
-                audio_guidance_scale=float(audio_guidance_scale), motion_frames=int(motion_frames), seed=int(seed),
+                prompt=prompt or "",
+                num_inference_steps=int(steps),
+                guidance_scale=float(guidance_scale),
+                audio_guidance_scale=float(audio_guidance_scale),
+                motion_frames=int(motion_frames),
+                seed=int(seed),
             )
             setattr(settings, field_name, value)
             path, seconds, _ = self.run(image, audio, settings)
@@ -182,7 +207,9 @@ class Hallo3App:
             slots.append(gr.update(value=path, label=label, visible=True))
             lines.append(f"| {text} | {seconds:.1f} s |")
         slots += [gr.update(value=None, visible=False)] * (MAX_VARIANTS - len(slots))
-        summary = f"**{axis}**, seed {int(seed)}, {int(steps)} steps\n\n| value | time |\n|---|---|\n" + "\n".join(lines)
+        summary = f"**{axis}**, seed {int(seed)}, {int(steps)} steps\n\n| value | time |\n|---|---|\n" + "\n".join(
+            lines
+        )
         return (*slots, summary)
 
 
@@ -200,15 +227,22 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
             with gr.Column():
                 guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.5, label="Guidance (CFG) scale", elem_id="cfg")
-                audio_guidance = gr.Slider(0.0, 10.0, value=3.5, step=0.5, label="Audio guidance scale",
-                                           info="equal to CFG: the official joint guidance, no extra pass")
+                audio_guidance = gr.Slider(
+                    0.0,
+                    10.0,
+                    value=3.5,
+                    step=0.5,
+                    label="Audio guidance scale",
+                    info="equal to CFG: the official joint guidance, no extra pass",
+                )
                 motion_frames = gr.Slider(0, 3, value=2, step=1, label="Motion frames", info="2 as trained")
                 steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
                     seed = gr.Number(value=42, precision=0, label="Seed", minimum=0)
                     randomize = gr.Checkbox(value=False, label="Random seed")
-                memory_mode = gr.Dropdown(memory_modes, value=memory_modes[0], label="Memory mode",
-                                          info="the modes this machine supports")
+                memory_mode = gr.Dropdown(
+                    memory_modes, value=memory_modes[0], label="Memory mode", info="the modes this machine supports"
+                )
 
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
@@ -216,16 +250,24 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 video = gr.Video(label="Result", elem_id="result-video")
                 summary = gr.Markdown(elem_id="result-summary")
                 gr.Examples(
-                    examples=EXAMPLES, inputs=[image, audio, prompt], outputs=[video, summary], label="Examples",
-                    fn=GPU(app.generate_example, duration=300), cache_examples=True, cache_mode="lazy",
+                    examples=EXAMPLES,
+                    inputs=[image, audio, prompt],
+                    outputs=[video, summary],
+                    label="Examples",
+                    fn=GPU(app.generate_example, duration=300),
+                    cache_examples=True,
+                    cache_mode="lazy",
                 )
             with gr.Tab("Ablation", id="ablation"):
-                gr.Markdown("Run 2-4 variants along one axis over the same inputs and seed; the other settings come "
-                            "from the controls above.")
+                gr.Markdown(
+                    "Run 2-4 variants along one axis over the same inputs and seed; the other settings come "
+                    "from the controls above."
+                )
                 with gr.Row():
                     axis = gr.Dropdown(list(ABLATION_AXES), value="CFG scale", label="Axis", elem_id="axis")
-                    values = gr.Textbox(value=ABLATION_AXES["CFG scale"][2], label="Values (comma-separated)",
-                                        elem_id="values")
+                    values = gr.Textbox(
+                        value=ABLATION_AXES["CFG scale"][2], label="Values (comma-separated)", elem_id="values"
+                    )
                 ablation_button = gr.Button("Run ablation", variant="primary", elem_id="ablation-btn")
                 with gr.Row():
                     variant_videos = [gr.Video(visible=False, elem_id=f"variant-{i}") for i in range(MAX_VARIANTS)]
@@ -234,7 +276,18 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
         axis.change(lambda name: ABLATION_AXES[name][2], inputs=axis, outputs=values, api_visibility="private")
         generate_button.click(
             GPU(app.generate, duration=300),
-            inputs=[image, audio, prompt, guidance, audio_guidance, motion_frames, steps, seed, randomize, memory_mode],
+            inputs=[
+                image,
+                audio,
+                prompt,
+                guidance,
+                audio_guidance,
+                motion_frames,
+                steps,
+                seed,
+                randomize,
+                memory_mode,
+            ],
             outputs=[video, summary],
             api_name="generate",
         )
@@ -252,7 +305,11 @@ def default_model() -> str:
     if os.environ.get("HALLO3_MODEL"):
         return os.environ["HALLO3_MODEL"]
     local = Path("pretrained_models")
-    return str(local) if (local / "hallo3" / "latest").is_file() or (local / "model_index.json").is_file() else TINY_RANDOM
+    return (
+        str(local)
+        if (local / "hallo3" / "latest").is_file() or (local / "model_index.json").is_file()
+        else TINY_RANDOM
+    )
 
 
 def main() -> None:
@@ -268,14 +325,22 @@ def main() -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_pipeline(args.model or default_model(), torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model = load_pipeline(
+        args.model or default_model(), torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32
+    )
     output_dir = Path(tempfile.gettempdir()) / "hallo3-app"
     app = Hallo3App(Hallo3Generator(model, device), output_dir, args.max_audio_seconds)
     demo = build_demo(app, model.is_random, available_memory_modes())
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb", show_error=True,
-                    allowed_paths=[str(ASSETS)])
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size="50mb",
+            show_error=True,
+            allowed_paths=[str(ASSETS)],
+        )
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
 

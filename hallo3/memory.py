@@ -36,7 +36,9 @@ def apply_memory_mode(pipeline, mode: str, device: str | torch.device = "cuda") 
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}; got {mode!r}.")
     if mode != "none" and mode not in available_memory_modes():
-        raise ValueError(f"memory mode {mode!r} needs a CUDA GPU{' and bitsandbytes' if mode in QUANTIZED_MODES else ''}.")
+        raise ValueError(
+            f"memory mode {mode!r} needs a CUDA GPU{' and bitsandbytes' if mode in QUANTIZED_MODES else ''}."
+        )
     device = torch.device(device)
     if mode == "none":
         pipeline.to(device)

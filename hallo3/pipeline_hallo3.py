@@ -52,6 +52,29 @@ def dynamic_guidance_scale(scale: float, step: int, num_steps: int, exponent: fl
     return 1 + (scale - 1) * (1 - math.cos(math.pi * progress**exponent)) / 2
 
 
+# raw input -> what the transformer computes from it once (see `Hallo3TransformerOutput.conditioning`)
+CONDITIONING_REUSE = {
+    "reference_hidden_states": "reference_key_values",
+    "face_embeds": "face_tokens",
+    "audio_embeds": "audio_tokens",
+}
+
+
+@dataclass
+class Guidance:
+    """Guidance scales of a call; `at` gives the (text, audio) scales of one step."""
+
+    scale: float
+    audio_scale: float | None
+    dynamic: bool
+
+    def at(self, step: int, num_steps: int) -> tuple[float, float | None]:
+        if not self.dynamic:
+            return self.scale, self.audio_scale
+        audio = None if self.audio_scale is None else dynamic_guidance_scale(self.audio_scale, step, num_steps)
+        return dynamic_guidance_scale(self.scale, step, num_steps), audio
+
+
 class Hallo3Pipeline(DiffusionPipeline):
     r"""Audio-driven portrait animation with Hallo3 on CogVideoX-5B-I2V.
 
@@ -309,6 +332,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         )
         if audio_guidance_scale is not None and audio_guidance_scale == guidance_scale:
             audio_guidance_scale = None  # the official two-branch guidance, no extra pass
+        guidance = Guidance(guidance_scale, audio_guidance_scale, use_dynamic_cfg)
         device = self._execution_device
         dtype = self.transformer.dtype
         num_branches = 2 if audio_guidance_scale is None else 3
@@ -347,6 +371,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         total_clips = num_clips(num_frames, self.clip_length, motion_frames)
         motion = image[None].expand(motion_frames, -1, -1, -1) if motion_frames else None  # clip 0: the image itself
         kept_frames, frames_done = [], 0
+        video_conditioning = {}  # reference keys/values and face tokens, computed on the first step, kept for the video
         with self.progress_bar(total=total_clips, desc="clips") as clip_bar:
             for clip in range(total_clips):
                 indices = clip_audio_indices(clip, len(windows), self.clip_length, motion_frames)
@@ -359,17 +384,17 @@ class Hallo3Pipeline(DiffusionPipeline):
                 image_latents = self.prepare_image_latents(image, motion, latent_frames, generator)
                 image_latents = image_latents.expand(num_branches, -1, -1, -1, -1).to(dtype)
                 latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
+                conditioning_inputs = dict(
+                    reference_hidden_states=bank, face_embeds=face_embeds, audio_embeds=audio_rows
+                )
                 latents = self.denoise(
                     latents,
                     image_latents,
                     text,
-                    bank,
-                    face_embeds,
-                    audio_rows,
+                    conditioning_inputs,
+                    video_conditioning,
                     num_inference_steps,
-                    guidance_scale,
-                    audio_guidance_scale,
-                    use_dynamic_cfg,
+                    guidance,
                     generator,
                     callback_on_step_end,
                     callback_on_step_end_tensor_inputs,
@@ -408,42 +433,49 @@ class Hallo3Pipeline(DiffusionPipeline):
 
     def denoise(
         self,
-        latents,
-        image_latents,
-        text,
-        bank,
-        face_embeds,
-        audio_rows,
-        num_inference_steps,
-        guidance_scale,
-        audio_guidance_scale,
-        use_dynamic_cfg,
-        generator,
+        latents: torch.Tensor,
+        image_latents: torch.Tensor,
+        text: torch.Tensor,
+        conditioning_inputs: dict,
+        video_conditioning: dict,
+        num_inference_steps: int,
+        guidance: "Guidance",
+        generator: torch.Generator | None,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
     ) -> torch.Tensor:
-        """One clip's sampling loop; returns the clean latents [1, F, C, h, w]."""
+        """One clip's sampling loop; returns the clean latents [1, F, C, h, w].
+
+        The first step computes the step-independent conditioning (reference keys/values, face and audio tokens)
+        inside the transformer's forward and gets it back; later steps pass it in instead of the raw inputs.
+        `video_conditioning` carries the parts that do not change between clips (all but the audio tokens).
+        """
         num_branches = text.shape[0]
+        conditioning = dict(video_conditioning)
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         with self.progress_bar(total=num_inference_steps, desc="steps", leave=False) as step_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 model_input = torch.cat(
                     [latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype), image_latents], dim=2
                 )
-                prediction = self.transformer(
-                    model_input,
-                    text,
-                    t.expand(num_branches).float(),
-                    reference_hidden_states=bank,
-                    face_embeds=face_embeds,
-                    audio_embeds=audio_rows,
-                ).sample.float()
-                scale, audio_scale = guidance_scale, audio_guidance_scale
-                if use_dynamic_cfg:
-                    scale = dynamic_guidance_scale(guidance_scale, i, num_inference_steps)
-                    if audio_scale is not None:
-                        audio_scale = dynamic_guidance_scale(audio_guidance_scale, i, num_inference_steps)
-                guided = self.guide(prediction, scale, audio_scale)
+                inputs = {
+                    raw: None if computed in conditioning else conditioning_inputs[raw]
+                    for raw, computed in CONDITIONING_REUSE.items()
+                }
+                with self.transformer.cache_context("cfg_batch"):
+                    output = self.transformer(
+                        model_input,
+                        text,
+                        t.expand(num_branches).float(),
+                        **inputs,
+                        **conditioning,
+                        return_conditioning=i == 0,
+                    )
+                if output.conditioning is not None:
+                    conditioning.update({k: v for k, v in output.conditioning.items() if v is not None})
+                    video_conditioning.update({k: v for k, v in conditioning.items() if k != "audio_tokens"})
+                prediction = output.sample.float()
+                guided = self.guide(prediction, *guidance.at(i, num_inference_steps))
                 latents = self.scheduler.step(guided, t, latents, generator=generator).prev_sample
 
                 if callback_on_step_end is not None:

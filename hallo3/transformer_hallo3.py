@@ -10,6 +10,7 @@ Section numbers refer to the Hallo3 reference (`docs` of the project): 3.x the d
 """
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,16 +26,29 @@ from diffusers.models.embeddings import (
     apply_rotary_emb,
     get_1d_rotary_pos_embed,
 )
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
-from diffusers.utils import logging
+from diffusers.utils import BaseOutput, logging
 from torch import nn
 
 
 logger = logging.get_logger(__name__)
 
 RotaryEmbedding = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Hallo3TransformerOutput(BaseOutput):
+    """
+    Args:
+        sample (`torch.Tensor`): the v-prediction [B, F, C, H, W].
+        conditioning (`dict`, *optional*): with `return_conditioning=True`, the step-independent inputs this call
+            computed (`reference_key_values`, `face_tokens`, `audio_tokens`); pass them back as keyword arguments to
+            skip that work on later steps (the reference keys/values on later clips too).
+    """
+
+    sample: torch.Tensor
+    conditioning: dict | None = None
 
 
 def get_3d_rotary_emb(
@@ -713,9 +727,10 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         reference_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         face_tokens: torch.Tensor | None = None,
         audio_tokens: torch.Tensor | None = None,
+        return_conditioning: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
-    ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+    ) -> tuple[torch.Tensor] | Hallo3TransformerOutput:
         """
         Args:
             hidden_states (`torch.Tensor`): [B, F, C_in, H, W], the noisy latent concatenated with the image latent on
@@ -729,6 +744,8 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
             reference_key_values, face_tokens, audio_tokens: precomputed versions of the three above
                 (`reference_key_values()`, `face_proj(...)`, `audio_proj(...)`); a caller that reuses them across
                 steps skips that work.
+            return_conditioning (`bool`): also return those three as computed here (see `Hallo3TransformerOutput`).
+                Getting them through `forward` keeps diffusers' offload hooks in charge of where weights are.
 
         Returns:
             The v-prediction [B, F, out_channels, H, W].
@@ -745,12 +762,17 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
             reference_key_values = self.reference_key_values(reference_hidden_states)
         if face_tokens is None and face_embeds is not None:
             face_tokens = self.face_proj(face_embeds)
-        if face_tokens is not None:
-            face_tokens = face_tokens.repeat_interleave(num_frames, dim=0)  # [B*F, M, D], b-major
         if audio_tokens is None and audio_embeds is not None:
             if self.audio_proj is None:
                 raise ValueError("`audio_embeds` given to a transformer built without audio modules (stage 1).")
             audio_tokens = self.audio_proj(audio_embeds)
+        conditioning = None
+        if return_conditioning:
+            conditioning = dict(
+                reference_key_values=reference_key_values, face_tokens=face_tokens, audio_tokens=audio_tokens
+            )
+        if face_tokens is not None:
+            face_tokens = face_tokens.repeat_interleave(num_frames, dim=0)  # [B*F, M, D], b-major
         if audio_tokens is not None:
             if audio_tokens.shape[1] != num_frames:
                 raise ValueError(
@@ -782,7 +804,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
 
         if not return_dict:
             return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return Hallo3TransformerOutput(sample=output, conditioning=conditioning)
 
 
 class Hallo3ReferenceNet(Hallo3TransformerBase):

@@ -1,7 +1,6 @@
 """The Gradio app, launched for real on localhost with the tiny-random model: API client and a real browser."""
 
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,8 +31,15 @@ def server(tiny_generator, tmp_path_factory):
     app = app_module.Hallo3App(tiny_generator, tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0)
     demo = app_module.build_demo(app, is_random=True, memory_modes=["none"])
     demo.queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            show_error=True, allowed_paths=[str(app_module.ASSETS)], max_file_size="50mb")
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=None,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        allowed_paths=[str(app_module.ASSETS)],
+        max_file_size="50mb",
+    )
     yield url
     demo.close()
 
@@ -96,8 +102,19 @@ def test_a_bad_upload_is_an_error_and_the_next_request_works(client, speech_file
 def test_ablation_returns_one_video_per_variant(client, speech_file):
     from gradio_client import handle_file
 
-    result = client.predict(handle_file(str(ASSETS / "0001.jpg")), handle_file(str(speech_file)), "", "CFG scale",
-                            "2.0, 5.0, 7.5", 3.5, 3.5, 2, 1, 3, api_name="/ablation")
+    result = client.predict(
+        handle_file(str(ASSETS / "0001.jpg")),
+        handle_file(str(speech_file)),
+        "",
+        "CFG scale",
+        "2.0, 5.0, 7.5",
+        3.5,
+        3.5,
+        2,
+        1,
+        3,
+        api_name="/ablation",
+    )
     *videos, summary = result
     assert len(videos) == app_module.MAX_VARIANTS
     made = [v for v in videos if v and (v.get("video") if isinstance(v, dict) and "video" in v else v.get("value"))]
@@ -124,16 +141,27 @@ def test_real_browser_generate_then_ablation(server, speech_file):
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=chromium_path(), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+            executable_path=chromium_path(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.goto(server)
         page.get_by_text("Demo mode: tiny random model").wait_for()
         page.locator("#image input[type=file]").set_input_files(str(ASSETS / "0001.jpg"))
         page.locator("#audio input[type=file]").set_input_files(str(speech_file))
-        page.locator("#audio audio").first.wait_for(state="attached", timeout=30_000)  # a waveform shows; <audio> is hidden
+        page.locator("#audio audio").first.wait_for(
+            state="attached", timeout=30_000
+        )  # a waveform shows; <audio> is hidden
         steps = page.locator("#steps input[type=number]")
         steps.fill("1")
         steps.press("Enter")

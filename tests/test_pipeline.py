@@ -56,7 +56,7 @@ def test_equal_audio_guidance_is_the_two_branch_path_with_no_extra_pass(tiny_pip
     with CallRecorder(tiny_pipeline.transformer) as equal:
         actual = run(tiny_pipeline, audio_guidance_scale=3.5).frames
     assert np.array_equal(actual, expected)
-    assert {c["face_embeds"].shape[0] for c in equal.calls} == {2} and len(equal.calls) == len(official.calls)
+    assert {c["hidden_states"].shape[0] for c in equal.calls} == {2} and len(equal.calls) == len(official.calls)
 
 
 def test_separate_audio_guidance_runs_a_text_only_branch(tiny_pipeline):
@@ -179,3 +179,44 @@ def test_group_offload_gives_the_same_video(tiny_pipeline):
     pipe.transformer.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
     pipe.reference_net.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
     assert np.array_equal(run(pipe).frames, expected)
+
+
+def test_reference_keys_values_once_per_video_and_tokens_once_per_clip(tiny_pipeline):
+    transformer = tiny_pipeline.transformer
+    counts = {"kv": 0, "face": 0, "audio": 0}
+    hooks = [
+        transformer.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *a: None),
+        transformer.face_proj.register_forward_hook(lambda *a: counts.__setitem__("face", counts["face"] + 1)),
+        transformer.audio_proj.register_forward_hook(lambda *a: counts.__setitem__("audio", counts["audio"] + 1)),
+    ]
+    original = type(transformer.transformer_blocks[0].attn1).reference_key_value
+
+    def counting(self, *args):
+        counts["kv"] += 1
+        return original(self, *args)
+
+    type(transformer.transformer_blocks[0].attn1).reference_key_value = counting
+    try:
+        run(tiny_pipeline, seconds=4.0, num_inference_steps=3)  # 3 clips x 3 steps
+    finally:
+        type(transformer.transformer_blocks[0].attn1).reference_key_value = original
+        for hook in hooks:
+            hook.remove()
+    assert counts == {"kv": len(transformer.transformer_blocks), "face": 1, "audio": 3}
+
+
+def test_reusing_conditioning_changes_nothing(tiny_pipeline):
+    """The reuse is exact: the same video as recomputing everything at every step."""
+    reference = run(tiny_pipeline, seconds=2.3, num_inference_steps=3).frames
+    original = tiny_pipeline.transformer.forward
+
+    def no_reuse(*args, **kwargs):
+        kwargs["return_conditioning"] = False
+        return original(*args, **kwargs)
+
+    tiny_pipeline.transformer.forward = no_reuse
+    try:
+        recomputed = run(tiny_pipeline, seconds=2.3, num_inference_steps=3).frames
+    finally:
+        tiny_pipeline.transformer.forward = original
+    assert np.array_equal(recomputed, reference)
