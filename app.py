@@ -19,7 +19,7 @@ import gradio as gr
 
 from hallo3.inference import INPUT_ERRORS, GenerationSettings, Hallo3Generator
 from hallo3.loading import TINY_RANDOM, load_pipeline
-from hallo3.memory import apply_memory_mode, available_memory_modes
+from hallo3.memory import QUANTIZED_MODES, available_memory_modes
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -68,6 +68,18 @@ RANDOM_BANNER = (
 )
 
 
+def slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames, steps, seed) -> GenerationSettings:
+    """Widget values (gradio sends floats for sliders and numbers) as generation settings."""
+    return GenerationSettings(
+        prompt=prompt or "",
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance_scale),
+        audio_guidance_scale=float(audio_guidance_scale),
+        motion_frames=int(motion_frames),
+        seed=None if seed is None else int(seed),
+    )
+
+
 class Hallo3App:
     """The model shared by every request, and the functions behind the buttons.
 
@@ -94,9 +106,16 @@ class Hallo3App:
                 path.unlink(missing_ok=True)
 
     def set_memory_mode(self, mode: str) -> None:
-        if mode and mode != self.memory_mode:
-            apply_memory_mode(self.generator.pipeline, mode)
-            self.memory_mode = mode
+        """Offload modes switch in place; quantized modes reload the weights once."""
+        if not mode or mode == self.memory_mode:
+            return
+        if mode not in available_memory_modes():
+            raise gr.Error(f"Memory mode {mode} is not available on this machine.")
+        model = self.generator.model
+        if mode in QUANTIZED_MODES or self.memory_mode in QUANTIZED_MODES:
+            model = load_pipeline(self.model_source, torch_dtype=model.pipeline.dtype, memory_mode=mode)
+        self.generator = Hallo3Generator(model, self.device, mode)
+        self.memory_mode = mode
 
     def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> tuple[str, float, int]:
         """One video; user errors become gr.Error so the page shows them and the app keeps serving."""
@@ -133,13 +152,8 @@ class Hallo3App:
         progress=gr.Progress(track_tqdm=True),
     ) -> tuple[str, str]:
         self.set_memory_mode(memory_mode)
-        settings = GenerationSettings(
-            prompt=prompt or "",
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance_scale),
-            audio_guidance_scale=float(audio_guidance_scale),
-            motion_frames=int(motion_frames),
-            seed=None if randomize_seed else int(seed),
+        settings = slider_settings(
+            prompt, guidance_scale, audio_guidance_scale, motion_frames, steps, None if randomize_seed else seed
         )
         path, seconds, used_seed = self.run(image, audio, settings)
         summary = (
@@ -193,14 +207,7 @@ class Hallo3App:
 
         slots, lines = [], []
         for text, value in zip(texts, parsed):
-            settings = GenerationSettings(
-                prompt=prompt or "",
-                num_inference_steps=int(steps),
-                guidance_scale=float(guidance_scale),
-                audio_guidance_scale=float(audio_guidance_scale),
-                motion_frames=int(motion_frames),
-                seed=int(seed),
-            )
+            settings = slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames, steps, seed)
             setattr(settings, field_name, value)
             path, seconds, _ = self.run(image, audio, settings)
             label = f"{axis} = {text} · {seconds:.1f} s"
@@ -325,11 +332,12 @@ def main() -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_pipeline(
-        args.model or default_model(), torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32
-    )
+    source = args.model or default_model()
+    model = load_pipeline(source, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     output_dir = Path(tempfile.gettempdir()) / "hallo3-app"
-    app = Hallo3App(Hallo3Generator(model, device), output_dir, args.max_audio_seconds)
+    app = Hallo3App(
+        Hallo3Generator(model, device), output_dir, args.max_audio_seconds, model_source=source, device=device
+    )
     demo = build_demo(app, model.is_random, available_memory_modes())
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:

@@ -8,16 +8,15 @@ import math
 import torch
 
 
-def audio_windows(features: torch.Tensor, window: int = 5, clamp: bool = True) -> torch.Tensor:
-    """[N, layers, C] -> [N, window, layers, C]: entry [n, k] is frame n + k - window // 2.
+def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """[N, layers, C] -> [N, window, layers, C]: entry [n, k] is frame n + k - window // 2, clamped to [0, N - 1].
 
-    Inference clamps indices to [0, N - 1]; training cuts windows from longer audio, so its neighbours are real.
+    Inference clamps at the ends of the audio; training windows a slice with a margin and drops the margin, so its
+    neighbours are real (reference 5.1 step 5, 8.4).
     """
     num_frames = features.shape[0]
     offsets = torch.arange(window) - window // 2
-    indices = torch.arange(num_frames)[:, None] + offsets[None, :]  # [N, window]
-    if clamp:
-        indices = indices.clamp(0, num_frames - 1)
+    indices = (torch.arange(num_frames)[:, None] + offsets[None, :]).clamp(0, num_frames - 1)  # [N, window]
     return features[indices]
 
 

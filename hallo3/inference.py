@@ -23,6 +23,7 @@ from PIL import Image
 
 from .convert_sat_checkpoint import CheckpointError
 from .loading import TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline
+from .memory import MEMORY_MODES
 from .preprocessing.audio import AudioError, load_audio, separate_vocals
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
@@ -54,6 +55,10 @@ class GenerationSettings:
     disable_reference: bool = False
     disable_face_embedding: bool = False
     disable_audio: bool = False
+
+    def pipeline_kwargs(self) -> dict:
+        """The settings `Hallo3Pipeline.__call__` takes under the same names (the rest is for the file side)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("seed", "max_audio_seconds")}
 
     def validate(self) -> None:
         rules = [
@@ -109,13 +114,17 @@ class Hallo3Generator:
 
     Args:
         model (`LoadedModel`): from `hallo3.loading.load_pipeline`.
-        device (`str`): where the pipeline runs; model offload modes manage devices themselves.
+        device (`str`): where the pipeline runs; offload modes move weights there when they are used.
+        memory_mode (`str`): see `hallo3.memory` (quantized modes must also be given to `load_pipeline`).
     """
 
-    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu"):
+    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu", memory_mode: str = "none"):
         self.model = model
         self.pipeline = model.pipeline
-        self.pipeline.to(device)
+        if memory_mode == "none":
+            self.pipeline.to(device)
+        else:
+            self.pipeline.enable_memory_mode(memory_mode, device)
         self.face_analyzer = FaceAnalyzer(model.face_analysis_dir)
 
     def prepare(
@@ -162,17 +171,9 @@ class Hallo3Generator:
                 audio=inputs.waveform,
                 reference_image=inputs.reference_image,
                 face_embeds=inputs.face_embeds,
-                prompt=settings.prompt,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                audio_guidance_scale=settings.audio_guidance_scale,
-                use_dynamic_cfg=settings.use_dynamic_cfg,
-                motion_frames=settings.motion_frames,
                 generator=torch.Generator().manual_seed(seed),
                 on_frames=lambda frames: writer.write(inputs.framing.crop_output(frames)),
-                disable_reference=settings.disable_reference,
-                disable_face_embedding=settings.disable_face_embedding,
-                disable_audio=settings.disable_audio,
+                **settings.pipeline_kwargs(),
             )
         return GenerationResult(
             path=output_path,
@@ -236,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
     parser.add_argument("--max-audio-seconds", type=float, default=600.0, help="refuse longer audio")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--memory-mode",
+        default="none",
+        choices=MEMORY_MODES,
+        help="weight placement/quantization (see hallo3/memory.py); model-offload fits 24 GB GPUs",
+    )
+    parser.add_argument("--attention-backend", default=None, help="diffusers attention backend, e.g. flash, sage")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    parser.add_argument(
+        "--step-cache",
+        choices=("first-block", "taylorseer", "faster"),
+        default=None,
+        help="approximate step caching (faster, not identical; see docs/performance.md)",
+    )
+    parser.add_argument("--step-cache-threshold", type=float, default=0.1, help="first-block cache threshold")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return parser
 
@@ -326,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         state = PartialState()
         device = state.device if batch and state.num_processes > 1 else args.device
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype)
-        generator = Hallo3Generator(loaded, device)
+        loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype, memory_mode=args.memory_mode)
+        generator = Hallo3Generator(loaded, device, args.memory_mode)
+        if args.attention_backend:
+            loaded.pipeline.set_attention_backend(args.attention_backend)
+        if args.step_cache:
+            loaded.pipeline.enable_step_cache(args.step_cache, args.step_cache_threshold)
+        if args.compile:
+            loaded.pipeline.compile_transformer()
         if batch:
             failures = run_batch(generator, jobs, args.output_dir, settings, state.process_index, state.num_processes)
             return 2 if failures else 0

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKLCogVideoX
 from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .convert_sat_checkpoint import convert
+from .memory import QUANTIZED_MODES, quantization_config, quantize_pipeline
 from .pipeline_hallo3 import Hallo3Pipeline
 from .scheduling_hallo3 import Hallo3DPMScheduler
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
@@ -156,19 +157,25 @@ def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
 # real weights
 
 
-def _from_parts(folder: Path, base_model: str, wav2vec_model: str, torch_dtype: torch.dtype) -> Hallo3Pipeline:
-    """Converter output + T5/VAE from a CogVideoX-5B-I2V diffusers repo + wav2vec2."""
+def _from_parts(
+    folder: Path, base_model: str, wav2vec_model: str, torch_dtype: torch.dtype, memory_mode: str = "none"
+) -> Hallo3Pipeline:
+    """Converter output + T5/VAE from a CogVideoX-5B-I2V diffusers repo + wav2vec2; quantized at load if asked."""
     from transformers import AutoTokenizer
 
     text_source = _text_encoder_source(folder, base_model)
+    quantized = dict(quantization_config=quantization_config(memory_mode, "diffusers"), torch_dtype=torch_dtype)
     return Hallo3Pipeline(
         tokenizer=AutoTokenizer.from_pretrained(text_source, subfolder=_subfolder(text_source, "tokenizer")),
         text_encoder=T5EncoderModel.from_pretrained(
-            text_source, subfolder=_subfolder(text_source, "text_encoder"), torch_dtype=torch_dtype
+            text_source,
+            subfolder=_subfolder(text_source, "text_encoder"),
+            torch_dtype=torch_dtype,
+            quantization_config=quantization_config(memory_mode, "transformers"),
         ),
         vae=AutoencoderKLCogVideoX.from_pretrained(base_model, subfolder="vae", torch_dtype=torch_dtype),
-        transformer=Hallo3Transformer3DModel.from_pretrained(folder / "transformer", torch_dtype=torch_dtype),
-        reference_net=Hallo3ReferenceNet.from_pretrained(folder / "reference_net", torch_dtype=torch_dtype),
+        transformer=Hallo3Transformer3DModel.from_pretrained(folder / "transformer", **quantized),
+        reference_net=Hallo3ReferenceNet.from_pretrained(folder / "reference_net", **quantized),
         scheduler=Hallo3DPMScheduler(),
         audio_feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_model),
         # wav2vec2 runs in fp32, as in the official code
@@ -191,11 +198,22 @@ def load_pipeline(
     base_model: str = DEFAULT_BASE_MODEL,
     wav2vec_model: str | None = None,
     torch_dtype: torch.dtype = torch.bfloat16,
+    memory_mode: str = "none",
 ) -> LoadedModel:
-    """Resolve `model` (see the module docstring) into a pipeline; raises `ModelSourceError` with a hint."""
+    """Resolve `model` (see the module docstring) into a pipeline; raises `ModelSourceError` with a hint.
+
+    Quantized memory modes ('8bit', '4bit', 'int8-torchao') are applied here, at load time; placement (offload) is
+    `Hallo3Pipeline.enable_memory_mode`.
+    """
     if model == TINY_RANDOM:
         logger.warning("Using %s.", RANDOM_WEIGHTS_NOTICE)
-        return LoadedModel(build_tiny_random_pipeline(), TINY_RANDOM, is_random=True)
+        pipeline = build_tiny_random_pipeline()
+        if memory_mode in QUANTIZED_MODES:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as workdir:
+                quantize_pipeline(pipeline, memory_mode, workdir)
+        return LoadedModel(pipeline, TINY_RANDOM, is_random=True)
 
     folder = Path(model)
     if not folder.exists():
@@ -209,7 +227,22 @@ def load_pipeline(
         folder = Path(snapshot_download(model))
 
     if (folder / "model_index.json").is_file():
-        pipeline = Hallo3Pipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        quantization = None
+        if memory_mode in QUANTIZED_MODES:
+            from diffusers.quantizers import PipelineQuantizationConfig
+
+            quantization = PipelineQuantizationConfig(
+                quant_mapping={
+                    "transformer": quantization_config(memory_mode, "diffusers"),
+                    "reference_net": quantization_config(memory_mode, "diffusers"),
+                    **(
+                        {"text_encoder": quantization_config(memory_mode, "transformers")}
+                        if memory_mode != "int8-torchao"
+                        else {}
+                    ),
+                }
+            )
+        pipeline = Hallo3Pipeline.from_pretrained(folder, torch_dtype=torch_dtype, quantization_config=quantization)
         return LoadedModel(pipeline, str(model))
 
     face_dir = folder / "face_analysis" if (folder / "face_analysis").is_dir() else None
@@ -221,11 +254,11 @@ def load_pipeline(
             convert(folder / "hallo3", converted)
         local_wav2vec = folder / "wav2vec" / "wav2vec2-base-960h"
         wav2vec = wav2vec_model or (str(local_wav2vec) if local_wav2vec.is_dir() else DEFAULT_WAV2VEC)
-        pipeline = _from_parts(converted, base_model, wav2vec, torch_dtype)
+        pipeline = _from_parts(converted, base_model, wav2vec, torch_dtype, memory_mode)
         return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
 
     if (folder / "transformer").is_dir() and (folder / "reference_net").is_dir():
-        pipeline = _from_parts(folder, base_model, wav2vec_model or DEFAULT_WAV2VEC, torch_dtype)
+        pipeline = _from_parts(folder, base_model, wav2vec_model or DEFAULT_WAV2VEC, torch_dtype, memory_mode)
         return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
 
     raise ModelSourceError(

@@ -7,6 +7,7 @@
 | group-offload | transformer blocks stream to the GPU one group at a time, prefetched on a CUDA stream | a GPU |
 | sequential-offload | every leaf module moves when used: the least memory, the slowest | a GPU |
 | 8bit, 4bit | transformer, reference net and T5 weights in bitsandbytes int8 / nf4, chosen when loading, plus model offload | a GPU, bitsandbytes |
+| int8-torchao | transformer and reference net weights in torchao int8 (weight-only), plus model offload on a GPU | torchao |
 
 VAE tiling and slicing are turned on in every mode but `none` (they are exact at the released 480x720 geometry).
 """
@@ -17,18 +18,53 @@ import torch
 
 
 OFFLOAD_MODES = ("model-offload", "group-offload", "sequential-offload")
-QUANTIZED_MODES = ("8bit", "4bit")
+QUANTIZED_MODES = ("8bit", "4bit", "int8-torchao")
 MEMORY_MODES = ("none", *OFFLOAD_MODES, *QUANTIZED_MODES)
+QUANTIZED_COMPONENTS = ("transformer", "reference_net", "text_encoder")
 
 
 def available_memory_modes() -> list[str]:
-    """The modes this machine supports: offload and quantization need a CUDA GPU (bitsandbytes for 8/4-bit)."""
+    """The modes this machine supports: offload and bitsandbytes need a CUDA GPU; torchao int8 runs anywhere."""
+    has_torchao = importlib.util.find_spec("torchao") is not None
     if not torch.cuda.is_available():
-        return ["none"]
+        return ["none", "int8-torchao"] if has_torchao else ["none"]
     modes = ["none", *OFFLOAD_MODES]
     if importlib.util.find_spec("bitsandbytes") is not None:
-        modes += list(QUANTIZED_MODES)
-    return modes
+        modes += ["8bit", "4bit"]
+    return modes + (["int8-torchao"] if has_torchao else [])
+
+
+def quantization_config(mode: str, library: str):
+    """The load-time quantization config of `mode` for a diffusers or a transformers model (None if unquantized)."""
+    if mode in ("8bit", "4bit"):
+        if library == "diffusers":
+            from diffusers import BitsAndBytesConfig
+        else:
+            from transformers import BitsAndBytesConfig
+        if mode == "8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    if mode == "int8-torchao" and library == "diffusers":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return None
+
+
+def quantize_pipeline(pipeline, mode: str, workdir) -> None:
+    """Quantize an already built pipeline (tiny-random) the way loading would: save each component, reload it with
+    `quantization_config`. Real checkpoints get the config directly in `hallo3.loading`."""
+    for name in QUANTIZED_COMPONENTS:
+        component = getattr(pipeline, name)
+        library = "transformers" if name == "text_encoder" else "diffusers"
+        config = quantization_config(mode, library)
+        if config is None:
+            continue
+        folder = f"{workdir}/{name}"
+        component.save_pretrained(folder)
+        reloaded = type(component).from_pretrained(folder, quantization_config=config, torch_dtype=component.dtype)
+        pipeline.register_modules(**{name: reloaded.eval()})
 
 
 def apply_memory_mode(pipeline, mode: str, device: str | torch.device = "cuda") -> None:
@@ -45,7 +81,9 @@ def apply_memory_mode(pipeline, mode: str, device: str | torch.device = "cuda") 
         return
     pipeline.vae.enable_tiling()
     pipeline.vae.enable_slicing()
-    if mode in ("model-offload", *QUANTIZED_MODES):
+    if mode == "int8-torchao" and device.type != "cuda":
+        pipeline.to(device)  # weights are already int8; nothing to offload to on a CPU
+    elif mode in ("model-offload", *QUANTIZED_MODES):
         pipeline.enable_model_cpu_offload(device=device)
     elif mode == "sequential-offload":
         pipeline.enable_sequential_cpu_offload(device=device)
@@ -54,6 +92,9 @@ def apply_memory_mode(pipeline, mode: str, device: str | torch.device = "cuda") 
             component.enable_group_offload(
                 onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
             )
-        # the small models follow model offload semantics by hand: they stay where they are used
-        for component in (pipeline.text_encoder, pipeline.vae, pipeline.audio_encoder):
+        # T5 (9.5 GB) streams leaf by leaf too; the VAE and wav2vec2 are small enough to stay
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(pipeline.text_encoder, onload_device=device, offload_type="leaf_level")
+        for component in (pipeline.vae, pipeline.audio_encoder):
             component.to(device)

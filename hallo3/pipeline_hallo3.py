@@ -114,6 +114,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         )
         self.vae_scale_factor_spatial = 2 ** (len(vae.config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = vae.config.temporal_compression_ratio
+        self._current_timestep = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Sizes the checkpoint fixes
@@ -134,6 +135,49 @@ class Hallo3Pipeline(DiffusionPipeline):
     @property
     def fps(self) -> int:
         return 25
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Memory and speed options (see hallo3.memory and docs/performance.md)
+
+    def enable_memory_mode(self, mode: str, device: str | torch.device = "cuda") -> None:
+        """'none', 'model-offload', 'group-offload', 'sequential-offload' (quantized modes are chosen at load)."""
+        from .memory import apply_memory_mode
+
+        apply_memory_mode(self, mode, device)
+
+    def enable_step_cache(self, kind: str, threshold: float = 0.1) -> None:
+        """Skip work between denoising steps with a diffusers cache hook: 'first-block' (FirstBlockCache, reuses the
+        remaining blocks' residual while the first block's output changes less than `threshold`), 'taylorseer'
+        (TaylorSeer feature forecasting) or 'faster' (FasterCache attention reuse). Approximate: see the benchmarks
+        for the difference from the uncached video."""
+        from diffusers import FasterCacheConfig, FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+        from .transformer_hallo3 import register_cache_hooks
+
+        register_cache_hooks()
+        configs = {
+            "first-block": lambda: FirstBlockCacheConfig(threshold=threshold),
+            "taylorseer": lambda: TaylorSeerCacheConfig(),
+            "faster": lambda: FasterCacheConfig(
+                current_timestep_callback=lambda: self._current_timestep,
+                attention_weight_callback=lambda _: 0.5,
+                is_guidance_distilled=True,  # our CFG rows share one call; its uncond-skipping does not apply
+            ),
+        }
+        if kind not in configs:
+            raise ValueError(f"step cache must be one of {', '.join(configs)}; got {kind!r}.")
+        self.transformer.enable_cache(configs[kind]())
+
+    def compile_transformer(self, **compile_kwargs) -> None:
+        """torch.compile each repeated block (`Hallo3Block`): the same speed-up as compiling the model, a fraction
+        of the compile time."""
+        self.transformer.compile_repeated_blocks(**compile_kwargs)
+        self.reference_net.compile_repeated_blocks(**compile_kwargs)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers attention backend for every attention ('native', 'flash', 'sage', '_native_cudnn', ...)."""
+        self.transformer.set_attention_backend(backend)
+        self.reference_net.set_attention_backend(backend)
 
     def progress_bar(self, iterable=None, total=None, desc: str | None = None, leave: bool = True):
         """diffusers' tqdm bar with a label; the clip bar and the step bar are shown together (gradio tracks both)."""
@@ -455,6 +499,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         with self.progress_bar(total=num_inference_steps, desc="steps", leave=False) as step_bar:
             for i, t in enumerate(self.scheduler.timesteps):
+                self._current_timestep = t
                 model_input = torch.cat(
                     [latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype), image_latents], dim=2
                 )

@@ -464,72 +464,46 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
     _repeated_blocks = ["Hallo3Block"]
 
-    def __init__(
-        self,
-        num_attention_heads: int,
-        attention_head_dim: int,
-        in_channels: int,
-        out_channels: int,
-        flip_sin_to_cos: bool,
-        freq_shift: int,
-        time_embed_dim: int,
-        text_embed_dim: int,
-        num_layers: int,
-        dropout: float,
-        attention_bias: bool,
-        sample_width: int,
-        sample_height: int,
-        sample_frames: int,
-        patch_size: int,
-        temporal_compression_ratio: int,
-        max_text_seq_length: int,
-        activation_fn: str,
-        timestep_activation_fn: str,
-        norm_elementwise_affine: bool,
-        norm_eps: float,
-        final_norm_eps: float,
-        qk_norm_eps: float,
-        ff_inner_dim: int | None,
-        rope_theta: float,
-        use_rotary_positional_embeddings: bool,
-        use_learned_positional_embeddings: bool,
-        patch_size_t: int | None,
-        ofs_embed_dim: int | None,
-        face_hidden_size: int | None = None,
-        audio_hidden_size: int | None = None,
-    ):
+    def __init__(self):
         super().__init__()
+        # `register_to_config` stores the subclass's arguments before its body runs, so the shared modules are built
+        # from `self.config`
+        c = self.config
         if (
-            not (use_rotary_positional_embeddings and use_learned_positional_embeddings)
-            or patch_size_t
-            or ofs_embed_dim
+            not (c.use_rotary_positional_embeddings and c.use_learned_positional_embeddings)
+            or c.patch_size_t
+            or (c.ofs_embed_dim)
         ):
             raise ValueError(
                 "Hallo3 is built on CogVideoX-5B-I2V 1.0 (RoPE and learned positions, no temporal patches, no ofs "
                 "embedding); this config describes another CogVideoX variant."
             )
+        face_hidden_size = getattr(c, "face_hidden_size", None)
+        audio_hidden_size = c.audio_hidden_size if getattr(c, "add_audio_module", False) else None
+        num_attention_heads, attention_head_dim, norm_eps = c.num_attention_heads, c.attention_head_dim, c.norm_eps
+        norm_elementwise_affine, time_embed_dim, patch_size = c.norm_elementwise_affine, c.time_embed_dim, c.patch_size
         inner_dim = num_attention_heads * attention_head_dim
 
         # 1. Patch embedding with learned positions over [text; video]
         self.patch_embed = Hallo3PatchEmbed(
             patch_size=patch_size,
-            in_channels=in_channels,
+            in_channels=c.in_channels,
             embed_dim=inner_dim,
-            text_embed_dim=text_embed_dim,
+            text_embed_dim=c.text_embed_dim,
             bias=True,
-            sample_width=sample_width,
-            sample_height=sample_height,
-            sample_frames=sample_frames,
-            temporal_compression_ratio=temporal_compression_ratio,
-            max_text_seq_length=max_text_seq_length,
+            sample_width=c.sample_width,
+            sample_height=c.sample_height,
+            sample_frames=c.sample_frames,
+            temporal_compression_ratio=c.temporal_compression_ratio,
+            max_text_seq_length=c.max_text_seq_length,
             use_positional_embeddings=False,
             use_learned_positional_embeddings=True,
         )
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = nn.Dropout(c.dropout)
 
         # 2. Time embedding
-        self.time_proj = Timesteps(inner_dim, flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, timestep_activation_fn)
+        self.time_proj = Timesteps(inner_dim, c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, c.timestep_activation_fn)
 
         # 3. Blocks
         self.transformer_blocks = nn.ModuleList(
@@ -541,15 +515,15 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
                     time_embed_dim=time_embed_dim,
                     face_hidden_size=face_hidden_size,
                     audio_hidden_size=audio_hidden_size,
-                    dropout=dropout,
-                    activation_fn=activation_fn,
-                    attention_bias=attention_bias,
+                    dropout=c.dropout,
+                    activation_fn=c.activation_fn,
+                    attention_bias=c.attention_bias,
                     norm_elementwise_affine=norm_elementwise_affine,
                     norm_eps=norm_eps,
-                    qk_norm_eps=qk_norm_eps,
-                    ff_inner_dim=ff_inner_dim,
+                    qk_norm_eps=c.qk_norm_eps,
+                    ff_inner_dim=c.ff_inner_dim,
                 )
-                for _ in range(num_layers)
+                for _ in range(c.num_layers)
             ]
         )
         self.norm_final = nn.LayerNorm(inner_dim, norm_eps, norm_elementwise_affine)
@@ -559,10 +533,10 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
             embedding_dim=time_embed_dim,
             output_dim=2 * inner_dim,
             norm_elementwise_affine=norm_elementwise_affine,
-            norm_eps=final_norm_eps,
+            norm_eps=c.final_norm_eps,
             chunk_dim=1,
         )
-        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * out_channels)
+        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * c.out_channels)
 
         self.gradient_checkpointing = False
 
@@ -655,39 +629,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         audio_hidden_size: int = 768,
         num_audio_tokens: int = 32,
     ):
-        super().__init__(
-            num_attention_heads,
-            attention_head_dim,
-            in_channels,
-            out_channels,
-            flip_sin_to_cos,
-            freq_shift,
-            time_embed_dim,
-            text_embed_dim,
-            num_layers,
-            dropout,
-            attention_bias,
-            sample_width,
-            sample_height,
-            sample_frames,
-            patch_size,
-            temporal_compression_ratio,
-            max_text_seq_length,
-            activation_fn,
-            timestep_activation_fn,
-            norm_elementwise_affine,
-            norm_eps,
-            final_norm_eps,
-            qk_norm_eps,
-            ff_inner_dim,
-            rope_theta,
-            use_rotary_positional_embeddings,
-            use_learned_positional_embeddings,
-            patch_size_t,
-            ofs_embed_dim,
-            face_hidden_size=face_hidden_size,
-            audio_hidden_size=audio_hidden_size if add_audio_module else None,
-        )
+        super().__init__()
         # 5. Conditioning projections, computed once per forward and shared by every block
         self.face_proj = FaceProjection(face_embed_dim, face_hidden_size, num_face_tokens)
         self.audio_proj = None
@@ -848,37 +790,7 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
         patch_size_t: int | None = None,
         ofs_embed_dim: int | None = None,
     ):
-        super().__init__(
-            num_attention_heads,
-            attention_head_dim,
-            in_channels,
-            out_channels,
-            flip_sin_to_cos,
-            freq_shift,
-            time_embed_dim,
-            text_embed_dim,
-            num_layers,
-            dropout,
-            attention_bias,
-            sample_width,
-            sample_height,
-            sample_frames,
-            patch_size,
-            temporal_compression_ratio,
-            max_text_seq_length,
-            activation_fn,
-            timestep_activation_fn,
-            norm_elementwise_affine,
-            norm_eps,
-            final_norm_eps,
-            qk_norm_eps,
-            ff_inner_dim,
-            rope_theta,
-            use_rotary_positional_embeddings,
-            use_learned_positional_embeddings,
-            patch_size_t,
-            ofs_embed_dim,
-        )
+        super().__init__()
 
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor | float = 0.0

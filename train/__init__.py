@@ -1,0 +1,1 @@
+"""Training for both Hallo3 stages; imports hallo3's model, preprocessing and scheduler code, copies none of it."""

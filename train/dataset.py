@@ -1,0 +1,101 @@
+"""Prepared clips -> training samples (reference 8.4): 49 consecutive frames, a reference frame, features.
+
+Every random choice of a sample comes from a generator seeded with (seed, epoch, index), so a resumed run draws
+exactly what an uninterrupted one would.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from hallo3.conditioning import audio_windows
+
+
+class Hallo3ClipDataset(Dataset):
+    """Samples of `train.prepare_dataset` output.
+
+    Args:
+        root (`Path`): the prepared folder (metadata*.jsonl, clips/).
+        width, height (`int`): the model's resolution. Frames are resized to height x height and padded to width,
+            as the official training does for talking heads (reference 12.19).
+        num_frames (`int`): frames per sample (49).
+        audio_margin (`int`): frames kept free at both ends so that every audio window has true neighbours (2).
+        window (`int`): audio window (5).
+
+    Each item: `video` [F, 3, H, W] and `reference` / `masked_reference` [3, H, W] in [-1, 1], `face_emb` [512],
+    `audio_emb` [F, window, layers, C], `text_emb` [S, D] when precomputed, `caption`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        width: int,
+        height: int,
+        num_frames: int = 49,
+        audio_margin: int = 2,
+        window: int = 5,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        self.items = []
+        for metadata in sorted(self.root.glob("metadata*.jsonl")):
+            self.items += [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        self.items = [item for item in self.items if item["num_frames"] >= num_frames + 2 * audio_margin]
+        if not self.items:
+            raise ValueError(f"{self.root}: no prepared clip with at least {num_frames + 2 * audio_margin} frames.")
+        self.width, self.height = width, height
+        self.num_frames, self.audio_margin, self.window = num_frames, audio_margin, window
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_frame(self, clip: Path, index: int) -> torch.Tensor:
+        """Frame `index` resized to height x height and zero-padded (-1 after normalisation) to width."""
+        image = Image.open(clip / "frames" / f"{index + 1:05d}.png").convert("RGB")
+        image = image.resize((self.height, self.height), Image.BICUBIC)
+        canvas = Image.new("RGB", (self.width, self.height), (0, 0, 0))
+        canvas.paste(image, ((self.width - self.height) // 2, 0))
+        return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        clip = self.root / "clips" / item["name"]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = int(rng.integers(self.audio_margin, item["num_frames"] - self.num_frames - self.audio_margin + 1))
+        reference_index = int(rng.integers(0, item["num_frames"]))
+
+        video = torch.stack([self.load_frame(clip, start + i) for i in range(self.num_frames)])
+        reference = self.load_frame(clip, reference_index)
+        frame = Image.open(clip / "frames" / f"{reference_index + 1:05d}.png").convert("RGB")
+        mask = Image.open(clip / "face_mask.png").convert("L").resize(frame.size)
+        masked = Image.composite(frame, Image.new("RGB", frame.size), mask)
+        masked = masked.resize((self.height, self.height), Image.BICUBIC)
+        canvas = Image.new("RGB", (self.width, self.height))
+        canvas.paste(masked, ((self.width - self.height) // 2, 0))
+        masked_reference = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+        features = load_file(clip / "features.safetensors")
+        # training windows have true neighbours: cut with the margin, window, then drop the margin again
+        m = self.audio_margin
+        around = features["audio_emb"][start - m : start + self.num_frames + m].float()
+        windows = audio_windows(around, self.window)[m : m + self.num_frames]
+        sample = {
+            "video": video,
+            "reference": reference,
+            "masked_reference": masked_reference,
+            "face_emb": features["face_emb"].float(),
+            "audio_emb": windows,
+            "caption": item["caption"],
+        }
+        if "text_emb" in features:
+            sample["text_emb"] = features["text_emb"].float()
+        return sample
