@@ -109,9 +109,10 @@ def check_forward(engine: RecordedEngine, inputs: dict, recorded: dict, report: 
         report.note("fwd.ref_out", "not checked: the engine never uses it, and our reference net stops at its bank")
 
 
-def check_sampler(engine: RecordedEngine, recorded: dict, trace: dict, seed: int, report: Report) -> None:
+def check_sampler(
+    engine: RecordedEngine, recorded: dict, trace: dict, seed: int, guidance_scale: float, report: Report
+) -> None:
     steps = trace["steps"]
-    guidance_scale = trace.get("guider_calls", [{}])[0].get("scale_used", 3.5) if trace.get("guider_calls") else 3.5
     scheduler = Hallo3DPMScheduler()
     scheduler.set_timesteps(len(steps))
     report.compare(
@@ -151,6 +152,16 @@ def check_sampler(engine: RecordedEngine, recorded: dict, trace: dict, seed: int
         )
 
 
+def recorded_guidance_scale(config: dict, trace: dict) -> float:
+    """The CFG scale the official sampler applied: 3.5 whatever its config says (reference 12.1)."""
+    if "cfg_scale_effective" in config.get("sampler", {}):
+        return float(config["sampler"]["cfg_scale_effective"])
+    implied = [
+        call["scale_implied_by_output"] for call in trace.get("guider_calls", []) if "scale_implied_by_output" in call
+    ]
+    return round(implied[0], 4) if implied else 3.5
+
+
 def run(fixture: Path, tolerance: float) -> Report:
     report = Report(tolerance)
     config_path = fixture / "config.json"
@@ -172,7 +183,7 @@ def run(fixture: Path, tolerance: float) -> Report:
             sampler = load_file(fixture / "sampler.safetensors")
             trace = json.loads((fixture / "sampler_trace.json").read_text())
             seed = config.get("seeds", {}).get("sampler_torch_manual_seed", 7)
-            check_sampler(engine, sampler, trace, seed, report)
+            check_sampler(engine, sampler, trace, seed, recorded_guidance_scale(config, trace), report)
         else:
             report.note("samp.*", "not checked: the fixture has no sampler.safetensors/sampler_trace.json")
     return report

@@ -195,3 +195,138 @@ def test_cli_lists_the_unused_official_keys(tmp_path, caplog):
     assert len(lines) == 2
     for key in ("freqs_sin", "freqs_cos", "transformer.position_embeddings.weight"):
         assert all(key in line for line in lines)
+
+
+def to_official_layout(model: Hallo3Transformer3DModel, reference: Hallo3ReferenceNet) -> dict:
+    """Our weights in the official SAT key layout, written plainly from reference section 10 (the inverse of the
+    converter), with the RoPE buffers and the unused position table the official file carries."""
+    from hallo3.transformer_hallo3 import get_3d_rotary_emb
+
+    def network(net, prefix, hallo3: bool) -> dict:
+        c, sd, out = net.config, net.state_dict(), {}
+        renames = {
+            "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2",
+            "patch_embed.proj": "mixins.patch_embed.proj",
+            "patch_embed.text_proj": "mixins.patch_embed.text_proj",
+            "norm_out.norm": "mixins.final_layer.norm_final",
+            "proj_out": "mixins.final_layer.linear",
+            "norm_out.linear": "mixins.final_layer.adaLN_modulation.1",
+            "norm_final": "transformer.final_layernorm",
+        }
+        for ours, theirs in renames.items():
+            for p in ("weight", "bias"):
+                out[f"{prefix}{theirs}.{p}"] = sd[f"{ours}.{p}"]
+        out[f"{prefix}mixins.pos_embed.pos_embedding"] = sd["patch_embed.pos_embedding"]
+        frames = (c.sample_frames - 1) // c.temporal_compression_ratio + 1
+        cos, sin = get_3d_rotary_emb(c.attention_head_dim, frames, c.sample_height // 2, c.sample_width // 2)
+        out[f"{prefix}mixins.pos_embed.freqs_cos"], out[f"{prefix}mixins.pos_embed.freqs_sin"] = cos, sin
+        out[f"{prefix}transformer.position_embeddings.weight"] = torch.zeros(
+            64, c.num_attention_heads * c.attention_head_dim
+        )
+        for i in range(c.num_layers):
+            b, layer = f"transformer_blocks.{i}.", f"{prefix}transformer.layers.{i}."
+            for p in ("weight", "bias"):
+                out[f"{layer}attention.query_key_value.{p}"] = torch.cat([sd[f"{b}attn1.to_{x}.{p}"] for x in "qkv"])
+                n1, n2 = sd[f"{b}norm1.linear.{p}"].chunk(6), sd[f"{b}norm2.linear.{p}"].chunk(6)
+                out[f"{prefix}mixins.adaln_layer.adaLN_modulations.{i}.1.{p}"] = torch.cat(
+                    [*n1[:3], *n2[:3], *n1[3:], *n2[3:]]
+                )
+                out[f"{prefix}mixins.adaln_layer.query_layernorm_list.{i}.{p}"] = sd[f"{b}attn1.norm_q.{p}"]
+                out[f"{prefix}mixins.adaln_layer.key_layernorm_list.{i}.{p}"] = sd[f"{b}attn1.norm_k.{p}"]
+                simple = {
+                    "input_layernorm": "norm1.norm",
+                    "attention.dense": "attn1.to_out.0",
+                    "post_attention_layernorm": "norm2.norm",
+                    "mlp.dense_h_to_4h": "ff.net.0.proj",
+                    "mlp.dense_4h_to_h": "ff.net.2",
+                }
+                if hallo3:
+                    simple.update(
+                        {
+                            "face_input_layernorm": "norm_face",
+                            "face_attn.query": "attn_face.to_q",
+                            "face_attn.dense": "attn_face.to_out.0",
+                            "audio_input_layernorm": "norm_audio",
+                            "audio_attn.query": "attn_audio.to_q",
+                            "audio_attn.dense": "attn_audio.to_out.0",
+                        }
+                    )
+                    for kind in ("face", "audio"):
+                        out[f"{layer}{kind}_attn.key_value.{p}"] = torch.cat(
+                            [sd[f"{b}attn_{kind}.to_k.{p}"], sd[f"{b}attn_{kind}.to_v.{p}"]]
+                        )
+                for theirs, ours in simple.items():
+                    out[f"{layer}{theirs}.{p}"] = sd[f"{b}{ours}.{p}"]
+        if hallo3:
+            for name, tensor in sd.items():
+                if name.startswith(("audio_proj.", "face_proj.")):
+                    out[f"{prefix}transformer.{name}"] = tensor
+        return out
+
+    return {
+        **network(model, "model.diffusion_model.", True),
+        **network(reference, "ref_model.diffusion_model.", False),
+    }
+
+
+@torch.no_grad()
+def test_other_sizes_and_head_dims_convert_to_the_same_network(tmp_path):
+    """Fixtures come in other sizes: head dim 64, 3 layers, another latent grid, other audio/face widths."""
+    config = dict(
+        num_attention_heads=2,
+        attention_head_dim=64,
+        time_embed_dim=48,
+        text_embed_dim=40,
+        num_layers=3,
+        sample_height=10,
+        sample_width=14,
+        max_text_seq_length=6,
+    )
+    torch.manual_seed(5)
+    model = Hallo3Transformer3DModel(
+        **config,
+        face_hidden_size=56,
+        num_face_tokens=2,
+        audio_channels=20,
+        audio_intermediate_dim=48,
+        audio_hidden_size=36,
+        num_audio_tokens=3,
+    ).eval()
+    reference = Hallo3ReferenceNet(**config).eval()
+    for parameter in [*model.parameters(), *reference.parameters()]:
+        parameter.normal_(0, 0.1)
+    official = {
+        "model": {
+            "network_config": {
+                "params": {
+                    "latent_height": 10,
+                    "latent_width": 14,
+                    "num_frames": 49,
+                    "time_compressed_rate": 4,
+                    "modules": {"pos_embed_config": {"params": {"text_length": 6}}},
+                }
+            }
+        }
+    }
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    torch.save({"module": to_official_layout(model, reference)}, tmp_path / "mp_rank_00_model_states.pt")
+    out = convert(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "out", tmp_path / "config.json")
+    converted = Hallo3Transformer3DModel.from_pretrained(out / "transformer").eval()
+    converted_reference = Hallo3ReferenceNet.from_pretrained(out / "reference_net").eval()
+    assert converted.config.num_audio_tokens == 3 and converted.config.face_hidden_size == 56
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 1, 32, 10, 14, generator=g)
+    text = torch.randn(2, 6, 40, generator=g)
+    bank = reference(latent, text[:1], 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(converted_reference(latent, text[:1], 0.0), bank))
+    inputs = dict(
+        hidden_states=torch.randn(2, 13, 32, 10, 14, generator=g),
+        encoder_hidden_states=text,
+        timestep=torch.tensor([300.0, 300.0]),
+        reference_hidden_states=bank,
+        face_embeds=torch.randn(2, 512, generator=g),
+        audio_embeds=torch.randn(2, 49, 5, 12, 20, generator=g),
+    )
+    assert torch.equal(converted(**inputs).sample, model(**inputs).sample)

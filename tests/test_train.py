@@ -241,3 +241,47 @@ def test_readme_smoke_training_runs(tmp_path, monkeypatch):
     Hallo3Transformer3DModel.from_pretrained(tmp_path / "run" / "final" / "transformer")
     Hallo3ReferenceNet.from_pretrained(tmp_path / "run" / "final" / "reference_net")
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # tensorboard metrics
+
+
+def test_precomputed_latents_match_the_vae_and_train(raw_dataset, tmp_path):
+    from train.dataset import Hallo3ClipDataset, frame_to_tensor
+
+    data = tmp_path / "data"
+    assert (
+        prepare_main(
+            [
+                "--videos",
+                str(raw_dataset / "videos"),
+                "--captions",
+                str(raw_dataset / "captions"),
+                "--output",
+                str(data),
+                "--wav2vec",
+                "tiny-random",
+                "--t5",
+                "tiny-random",
+                "--vae",
+                "tiny-random",
+                "--width",
+                "96",
+                "--height",
+                "64",
+            ]
+        )
+        == 0
+    )
+    latents = load_file(data / "clips" / "girl" / "latents.safetensors")
+    assert latents["starts"].tolist() == [2]  # 80 frames hold one 49-frame window after the 2-frame margin
+    vae = build_tiny_random_pipeline().vae
+    frames = torch.stack(
+        [frame_to_tensor(data / "clips" / "girl" / "frames" / f"{3 + i:05d}.png", 96, 64) for i in range(49)]
+    )
+    with torch.no_grad():
+        mean = vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist.mean[0].permute(1, 0, 2, 3)
+    stored_mean = latents["parameters"][0].float().chunk(2, dim=1)[0]
+    torch.testing.assert_close(stored_mean, mean, atol=2e-3, rtol=2e-3)
+
+    item = Hallo3ClipDataset(data, 96, 64)[0]
+    assert item["latent_parameters"].shape == (13, 32, 8, 12) and item["video"].shape == (2, 3, 64, 96)
+    result = train(tiny_config(data, tmp_path / "run", max_steps=2))
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in result["losses"].values())

@@ -16,6 +16,14 @@ from torch.utils.data import Dataset
 from hallo3.conditioning import audio_windows
 
 
+def frame_to_tensor(path: Path, width: int, height: int) -> torch.Tensor:
+    """A frame resized to height x height and zero-padded (-1 after normalisation) to width, as [3, H, W]."""
+    image = Image.open(path).convert("RGB").resize((height, height), Image.BICUBIC)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(image, ((width - height) // 2, 0))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
 class Hallo3ClipDataset(Dataset):
     """Samples of `train.prepare_dataset` output.
 
@@ -28,7 +36,9 @@ class Hallo3ClipDataset(Dataset):
         window (`int`): audio window (5).
 
     Each item: `video` [F, 3, H, W] and `reference` / `masked_reference` [3, H, W] in [-1, 1], `face_emb` [512],
-    `audio_emb` [F, window, layers, C], `text_emb` [S, D] when precomputed, `caption`.
+    `audio_emb` [F, window, layers, C], `text_emb` [S, D] when precomputed, `caption`. With precomputed latents
+    (`prepare_dataset --vae`) the window is one of the stored ones, `latent_parameters` [T, 2C, h, w] holds its VAE
+    posterior, and `video` has only the first `motion_frames` frames.
     """
 
     def __init__(
@@ -40,6 +50,7 @@ class Hallo3ClipDataset(Dataset):
         audio_margin: int = 2,
         window: int = 5,
         seed: int = 0,
+        motion_frames: int = 2,
     ):
         self.root = Path(root)
         self.items = []
@@ -51,6 +62,7 @@ class Hallo3ClipDataset(Dataset):
         self.width, self.height = width, height
         self.num_frames, self.audio_margin, self.window = num_frames, audio_margin, window
         self.seed, self.epoch = seed, 0
+        self.motion_frames = motion_frames
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -59,21 +71,22 @@ class Hallo3ClipDataset(Dataset):
         return len(self.items)
 
     def load_frame(self, clip: Path, index: int) -> torch.Tensor:
-        """Frame `index` resized to height x height and zero-padded (-1 after normalisation) to width."""
-        image = Image.open(clip / "frames" / f"{index + 1:05d}.png").convert("RGB")
-        image = image.resize((self.height, self.height), Image.BICUBIC)
-        canvas = Image.new("RGB", (self.width, self.height), (0, 0, 0))
-        canvas.paste(image, ((self.width - self.height) // 2, 0))
-        return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        return frame_to_tensor(clip / "frames" / f"{index + 1:05d}.png", self.width, self.height)
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         clip = self.root / "clips" / item["name"]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        start = int(rng.integers(self.audio_margin, item["num_frames"] - self.num_frames - self.audio_margin + 1))
+        latents = load_file(clip / "latents.safetensors") if (clip / "latents.safetensors").is_file() else None
+        if latents is not None:  # precomputed windows: pick one; only the motion frames are read as pixels
+            window = int(rng.integers(0, len(latents["starts"])))
+            start = int(latents["starts"][window])
+        else:
+            start = int(rng.integers(self.audio_margin, item["num_frames"] - self.num_frames - self.audio_margin + 1))
         reference_index = int(rng.integers(0, item["num_frames"]))
 
-        video = torch.stack([self.load_frame(clip, start + i) for i in range(self.num_frames)])
+        frames = self.motion_frames if latents is not None else self.num_frames
+        video = torch.stack([self.load_frame(clip, start + i) for i in range(frames)])
         reference = self.load_frame(clip, reference_index)
         frame = Image.open(clip / "frames" / f"{reference_index + 1:05d}.png").convert("RGB")
         mask = Image.open(clip / "face_mask.png").convert("L").resize(frame.size)
@@ -98,4 +111,6 @@ class Hallo3ClipDataset(Dataset):
         }
         if "text_emb" in features:
             sample["text_emb"] = features["text_emb"].float()
+        if latents is not None:
+            sample["latent_parameters"] = latents["parameters"][window].float()  # [T, 2C, h, w]: mean, log-variance
         return sample

@@ -5,7 +5,8 @@
 
 Per video (reference 8.2): frames at 25 fps and audio at 16 kHz (ffmpeg), then the filters below, then the face
 embedding, the union face mask and the wav2vec2 features (the same `hallo3.preprocessing` code as inference), and
-optionally the T5 embedding of the caption. Kept clips land in `OUTPUT/clips/<name>/`; `metadata*.jsonl` lists them
+optionally the T5 embedding of the caption (`--t5`) and the VAE posterior of fixed 49-frame windows at the training
+resolution (`--vae`, stored as mean and log-variance so that training still samples it). Kept clips land in `OUTPUT/clips/<name>/`; `metadata*.jsonl` lists them
 and `report*.jsonl` says, for every video, kept or dropped and why (the official pipeline dropped videos silently).
 A rerun skips videos already decided. `--rank/--world-size` split the videos between parallel workers; each writes
 its own metadata and report shard.
@@ -144,6 +145,25 @@ def check_frames(frame_paths: list[Path], analyzer: FaceAnalyzer, filters: Filte
     return metrics, (embedding, boxes)
 
 
+def window_posteriors(
+    clip_dir: Path, num_frames: int, vae, size: tuple[int, int], clip_length: int = 49, margin: int = 2
+) -> dict:
+    """VAE posterior parameters [n, T, 2C, h, w] (fp16) of the windows starting at margin, margin + 49, ...; the
+    frames are framed exactly as the training dataset frames them."""
+    from .dataset import frame_to_tensor
+
+    starts = list(range(margin, num_frames - clip_length - margin + 1, clip_length))
+    parameters = []
+    for start in starts:
+        frames = torch.stack(
+            [frame_to_tensor(clip_dir / "frames" / f"{start + i + 1:05d}.png", *size) for i in range(clip_length)]
+        )
+        with torch.no_grad():
+            dist = vae.encode(frames.permute(1, 0, 2, 3)[None].to(vae.dtype)).latent_dist
+        parameters.append(dist.parameters[0].permute(1, 0, 2, 3).half().cpu())  # [2C, T, h, w] -> [T, 2C, h, w]
+    return {"starts": torch.tensor(starts, dtype=torch.int64), "parameters": torch.stack(parameters)}
+
+
 def process_video(
     video: Path,
     caption_dir: Path,
@@ -153,6 +173,8 @@ def process_video(
     t5,
     filters: Filters,
     separator_dir: Path | None,
+    vae=None,
+    size: tuple[int, int] = (720, 480),
 ) -> Decision:
     name = video.stem
     caption_file = caption_dir / f"{name}.txt"
@@ -192,6 +214,8 @@ def process_video(
         if t5 is not None:
             tensors["text_emb"] = t5(caption).half()
         save_file({k: v.contiguous() for k, v in tensors.items()}, clip_dir / "features.safetensors")
+        if vae is not None:
+            save_file(window_posteriors(clip_dir, len(frame_paths), vae, size), clip_dir / "latents.safetensors")
         meta = {
             "name": name,
             "caption": caption,
@@ -261,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="CogVideoX repo/folder to precompute caption T5 embeddings (with --wav2vec tiny-random: 'tiny-random')",
     )
+    parser.add_argument("--vae", default=None, help="CogVideoX repo/folder (or tiny-random) to precompute latents")
+    parser.add_argument("--width", type=int, default=720, help="training width, for --vae")
+    parser.add_argument("--height", type=int, default=480, help="training height, for --vae")
     for name, value in asdict(Filters()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -285,12 +312,30 @@ def main(argv: list[str] | None = None) -> int:
 
     analyzer = FaceAnalyzer(args.face_analysis, min_face_size=1)
     audio_encoder, t5 = load_encoders(args)
+    vae = None
+    if args.vae == "tiny-random":
+        from hallo3.loading import build_tiny_random_pipeline
+
+        vae = build_tiny_random_pipeline().vae
+    elif args.vae:
+        from diffusers import AutoencoderKLCogVideoX
+
+        vae = AutoencoderKLCogVideoX.from_pretrained(args.vae, subfolder="vae")
     with open(report_path, "a") as report:
         for video in mine:
             if video.name in decided:
                 continue  # a rerun skips finished videos
             decision = process_video(
-                video, args.captions, args.output, analyzer, audio_encoder, t5, filters, args.vocal_separator
+                video,
+                args.captions,
+                args.output,
+                analyzer,
+                audio_encoder,
+                t5,
+                filters,
+                args.vocal_separator,
+                vae,
+                (args.width, args.height),
             )
             decided[video.name] = asdict(decision)
             report.write(json.dumps(asdict(decision)) + "\n")

@@ -192,7 +192,13 @@ class Hallo3Loss:
         def chance(p: float, shape=()) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device) < p
 
-        latents = self.encode(video, generator)  # [B, T, C, h, w]
+        if "latent_parameters" in batch:  # precomputed posterior: sample it here, like the VAE would
+            mean, logvar = batch["latent_parameters"].chunk(2, dim=2)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+            latents = latents * self.vae.config.scaling_factor
+        else:
+            latents = self.encode(video, generator)  # [B, T, C, h, w]
         num_latent_frames = latents.shape[1]
 
         # image latent: [reference frame, first K frames noised and masked], zero-padded; dropped per batch
