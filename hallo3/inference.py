@@ -138,9 +138,10 @@ class Hallo3Generator:
             image, face.box, self.pipeline.width, self.pipeline.height, extra_images=(masked,)
         )
         audio_path = Path(audio_path)
-        load_audio(audio_path, max_audio_seconds)  # validates the user's file before any separation work
+        waveform = load_audio(audio_path, max_audio_seconds)  # validates the user's file before any separation
         vocals = separate_vocals(audio_path, self.model.vocal_separator_dir)
-        waveform = load_audio(vocals or audio_path, max_audio_seconds)
+        if vocals is not None:
+            waveform = load_audio(vocals)
         embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
         return PreparedInputs(framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path)
 

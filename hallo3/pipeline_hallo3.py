@@ -395,7 +395,9 @@ class Hallo3Pipeline(DiffusionPipeline):
         # 4. Images and identity
         image = self.preprocess_image(image, device)[0]
         reference = self.preprocess_image(reference_image, device) if reference_image is not None else image[None]
-        face_embeds = torch.zeros(1, 512) if face_embeds is None else torch.as_tensor(face_embeds).reshape(1, -1)
+        if face_embeds is None:
+            face_embeds = torch.zeros(1, self.transformer.config.face_embed_dim)
+        face_embeds = torch.as_tensor(face_embeds).reshape(1, -1)
         face_embeds = face_embeds.to(device=device, dtype=dtype).expand(num_branches, -1)
         if disable_face_embedding:
             face_embeds = None

@@ -185,3 +185,12 @@ def test_declares_what_diffusers_hooks_need():
 def test_other_cogvideox_variants_are_rejected():
     with pytest.raises(ValueError, match="CogVideoX-5B-I2V 1.0"):
         Hallo3Transformer3DModel(**TINY_TRANSFORMER, patch_size_t=2)
+
+
+def test_pairwise_conv_equals_conv1d():
+    from hallo3.transformer_hallo3 import PairwiseConv1d
+
+    conv = PairwiseConv1d(12)
+    frames = torch.randn(3, 12, 10)
+    expected = torch.nn.functional.conv1d(frames, conv.weight, conv.bias, stride=2)
+    torch.testing.assert_close(conv(frames), expected, atol=1e-6, rtol=1e-5)
