@@ -285,3 +285,11 @@ def test_precomputed_latents_match_the_vae_and_train(raw_dataset, tmp_path):
     assert item["latent_parameters"].shape == (13, 32, 8, 12) and item["video"].shape == (2, 3, 64, 96)
     result = train(tiny_config(data, tmp_path / "run", max_steps=2))
     assert all(torch.isfinite(torch.tensor(loss)) for loss in result["losses"].values())
+
+
+def test_hub_subfolder_sources_are_split(tmp_path):
+    from train.train import pretrained_source
+
+    assert pretrained_source("THUDM/CogVideoX-5b-I2V/transformer") == ("THUDM/CogVideoX-5b-I2V", "transformer")
+    assert pretrained_source(str(tmp_path)) == (str(tmp_path), None)
+    assert pretrained_source("runs/stage1") == ("runs/stage1", None)

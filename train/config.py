@@ -31,7 +31,8 @@ class ModelConfig:
     # "tiny-random" (CPU smoke runs) or a diffusers CogVideoX-5B-I2V repo/folder for the VAE (and T5 when captions
     # are not precomputed)
     components: str = "THUDM/CogVideoX-5b-I2V"
-    # stage 1: a CogVideoX-5B-I2V transformer (diffusers); stage 2: the stage-1 export's transformer/ and reference_net/
+    # stage 1: a CogVideoX-5B-I2V transformer (diffusers; a folder, or owner/repo/subfolder on the Hub);
+    # stage 2: the stage-1 export's transformer/ and reference_net/
     transformer: str | None = None
     reference_net: str | None = None
     wav2vec: str = "facebook/wav2vec2-base-960h"  # validation videos only; training reads precomputed features
@@ -85,7 +86,7 @@ class TrainConfig:
     validation_audio: str = "assets/examples/0001.mp3"
     validation_prompt: str = "A little girl talking around a campfire"
     validation_steps: int = 25
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])  # wandb only when installed
 
     def trainable_patterns(self) -> dict[str, list[str]]:
         if self.trainable is not None:

@@ -89,6 +89,14 @@ def init_new_modules(model: torch.nn.Module, names: set[str], num_layers: int) -
                 parameter.normal_(0.0, 0.02)
 
 
+def pretrained_source(source: str) -> tuple[str, str | None]:
+    """A local folder as is; `owner/repo/sub/folder` on the Hub as (repo id, subfolder)."""
+    if Path(source).exists() or source.count("/") < 2:
+        return source, None
+    owner, repo, subfolder = source.split("/", 2)
+    return f"{owner}/{repo}", subfolder
+
+
 def load_models(config: TrainConfig):
     """(vae, tokenizer, text_encoder, transformer, reference_net) for the stage."""
     add_audio = config.stage == 2
@@ -116,13 +124,15 @@ def load_models(config: TrainConfig):
         if transformer_source is None or reference_source is None:
             raise ValueError("model.transformer and model.reference_net are needed (see train/configs/*.yaml).")
 
+    repo, subfolder = pretrained_source(transformer_source)
     transformer, info = Hallo3Transformer3DModel.from_pretrained(
-        transformer_source, add_audio_module=add_audio, low_cpu_mem_usage=False, output_loading_info=True
+        repo, subfolder=subfolder, add_audio_module=add_audio, low_cpu_mem_usage=False, output_loading_info=True
     )
     init_new_modules(transformer, set(info["missing_keys"]), transformer.config.num_layers)
     if info["missing_keys"]:
         logger.info(f"initialised {len(info['missing_keys'])} new tensors (SAT init)")
-    reference_net = Hallo3ReferenceNet.from_pretrained(reference_source)
+    repo, subfolder = pretrained_source(reference_source)
+    reference_net = Hallo3ReferenceNet.from_pretrained(repo, subfolder=subfolder)
     return vae, tokenizer, text_encoder, transformer, reference_net
 
 
