@@ -10,7 +10,9 @@ from hallo3.memory import apply_memory_mode, available_memory_modes
 from .test_pipeline import run
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def needs_cuda(test):
+    """GPU-only: part of `pytest -m slow`, and skipped there without CUDA."""
+    return pytest.mark.slow(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(scope="module")

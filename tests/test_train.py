@@ -24,6 +24,23 @@ REPO = Path(__file__).parent.parent
 TINY = REPO / "train" / "configs" / "tiny.yaml"
 
 
+def prepare(raw, output, *extra) -> int:
+    """`train.prepare_dataset` on the synthetic videos with the tiny-random encoders."""
+    return prepare_main(
+        [
+            "--videos",
+            str(raw / "videos"),
+            "--captions",
+            str(raw / "captions"),
+            "--output",
+            str(output),
+            "--wav2vec",
+            "tiny-random",
+            *extra,
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def raw_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
@@ -48,20 +65,7 @@ def raw_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(raw_dataset, tmp_path_factory):
     output = tmp_path_factory.mktemp("prepared")
-    code = prepare_main(
-        [
-            "--videos",
-            str(raw_dataset / "videos"),
-            "--captions",
-            str(raw_dataset / "captions"),
-            "--output",
-            str(output),
-            "--wav2vec",
-            "tiny-random",
-            "--t5",
-            "tiny-random",
-        ]
-    )
+    code = prepare(raw_dataset, output, "--t5", "tiny-random")
     assert code == 0
     return output
 
@@ -85,41 +89,9 @@ def test_preparation_keeps_talking_heads_and_reports_every_drop(prepared):
 
 def test_a_rerun_skips_finished_videos_and_shards_split_the_work(raw_dataset, prepared, tmp_path):
     before = (prepared / "report.jsonl").read_text()
-    assert (
-        prepare_main(
-            [
-                "--videos",
-                str(raw_dataset / "videos"),
-                "--captions",
-                str(raw_dataset / "captions"),
-                "--output",
-                str(prepared),
-                "--wav2vec",
-                "tiny-random",
-            ]
-        )
-        == 0
-    )
+    assert prepare(raw_dataset, prepared) == 0
     assert (prepared / "report.jsonl").read_text() == before  # nothing decided twice
-    assert (
-        prepare_main(
-            [
-                "--videos",
-                str(raw_dataset / "videos"),
-                "--captions",
-                str(raw_dataset / "captions"),
-                "--output",
-                str(tmp_path),
-                "--wav2vec",
-                "tiny-random",
-                "--rank",
-                "1",
-                "--world-size",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert prepare(raw_dataset, tmp_path, "--rank", "1", "--world-size", "3") == 0
     shard = [json.loads(line)["video"] for line in (tmp_path / "report-rank1-of-3.jsonl").read_text().splitlines()]
     assert shard == ["girl.mp4", "uncaptioned.mp4"]  # every third video, from the second
 
@@ -248,26 +220,7 @@ def test_precomputed_latents_match_the_vae_and_train(raw_dataset, tmp_path):
 
     data = tmp_path / "data"
     assert (
-        prepare_main(
-            [
-                "--videos",
-                str(raw_dataset / "videos"),
-                "--captions",
-                str(raw_dataset / "captions"),
-                "--output",
-                str(data),
-                "--wav2vec",
-                "tiny-random",
-                "--t5",
-                "tiny-random",
-                "--vae",
-                "tiny-random",
-                "--width",
-                "96",
-                "--height",
-                "64",
-            ]
-        )
+        prepare(raw_dataset, data, "--t5", "tiny-random", "--vae", "tiny-random", "--width", "96", "--height", "64")
         == 0
     )
     latents = load_file(data / "clips" / "girl" / "latents.safetensors")
