@@ -2,24 +2,30 @@
 
     python app.py [--model M] [--host H] [--port P] [--share]
 
+Without --host/--port, gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT apply (as on a Hugging Face Space).
+
 Without real weights it starts on the tiny-random model with a banner that says so. The widgets live here; the
 library (`hallo3`) has no gradio import. Named API endpoints: /generate and /ablation (see the README).
 """
 
 import argparse
+import gc
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+import torch
 
 from hallo3.inference import INPUT_ERRORS, GenerationSettings, Hallo3Generator
 from hallo3.loading import TINY_RANDOM, load_pipeline
-from hallo3.memory import QUANTIZED_MODES, available_memory_modes
+from hallo3.memory import available_memory_modes
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -50,7 +56,7 @@ EXAMPLES = [
 MAX_VARIANTS = 4
 OUTPUT_TTL_SECONDS = 3600
 # axis label -> (GenerationSettings field, how to read one value, default values)
-ABLATION_AXES = {
+ABLATION_AXES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "CFG scale": ("guidance_scale", float, "2.0, 3.5, 5.0"),
     "audio guidance scale": ("audio_guidance_scale", float, "1.0, 3.5, 6.0"),
     "motion frames": ("motion_frames", int, "1, 2, 3"),
@@ -85,14 +91,25 @@ class Hallo3App:
 
     Args:
         generator (`Hallo3Generator`): the loaded model; one per process, protected by the queue's concurrency 1.
+        model_source (`str`): what `generator` was loaded from (`--model`); quantized memory modes reload from it.
+        device (`str`): where the pipeline runs.
         output_dir (`Path`): where videos are written; files older than an hour are removed.
         max_audio_seconds (`float`): uploads longer than this are refused.
+        memory_mode (`str`): the mode `generator` was built with.
     """
 
     def __init__(
-        self, generator: Hallo3Generator, output_dir: Path, max_audio_seconds: float = 120.0, memory_mode: str = "none"
+        self,
+        generator: Hallo3Generator,
+        model_source: str,
+        device: str,
+        output_dir: Path,
+        max_audio_seconds: float = 120.0,
+        memory_mode: str = "none",
     ):
         self.generator = generator
+        self.model_source = model_source
+        self.device = device
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.max_audio_seconds = max_audio_seconds
@@ -106,16 +123,24 @@ class Hallo3App:
                 path.unlink(missing_ok=True)
 
     def set_memory_mode(self, mode: str) -> None:
-        """Offload modes switch in place; quantized modes reload the weights once."""
+        """Rebuild the model in `mode`. Offload hooks and quantized weights cannot be undone in place, so any change
+        reloads from `model_source`; the old model is released first so that two never share the GPU."""
         if not mode or mode == self.memory_mode:
             return
         if mode not in available_memory_modes():
             raise gr.Error(f"Memory mode {mode} is not available on this machine.")
-        model = self.generator.model
-        if mode in QUANTIZED_MODES or self.memory_mode in QUANTIZED_MODES:
-            model = load_pipeline(self.model_source, torch_dtype=model.pipeline.dtype, memory_mode=mode)
-        self.generator = Hallo3Generator(model, self.device, mode)
-        self.memory_mode = mode
+        torch_dtype = self.generator.pipeline.dtype
+        with self.lock:
+            logger.info(
+                "Switching the memory mode from %s to %s: reloading %s.", self.memory_mode, mode, self.model_source
+            )
+            del self.generator
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            model = load_pipeline(self.model_source, torch_dtype=torch_dtype, memory_mode=mode)
+            self.generator = Hallo3Generator(model, self.device, mode)
+            self.memory_mode = mode
 
     def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> tuple[str, float, int]:
         """One video; user errors become gr.Error so the page shows them and the app keeps serving."""
@@ -319,25 +344,25 @@ def default_model() -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Hallo3 Gradio app")
     parser.add_argument("--model", default=None, help="model source (default: pretrained_models/ or tiny-random)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    # unset: gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT apply (a Space sets them), else 127.0.0.1:7860
+    parser.add_argument(
+        "--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="public gradio.live link")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = args.model or default_model()
     model = load_pipeline(source, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    output_dir = Path(tempfile.gettempdir()) / "hallo3-app"
-    app = Hallo3App(
-        Hallo3Generator(model, device), output_dir, args.max_audio_seconds, model_source=source, device=device
-    )
+    # one folder per app process: two apps on one machine never sweep each other's videos
+    output_dir = Path(tempfile.mkdtemp(prefix="hallo3-app-"))
+    app = Hallo3App(Hallo3Generator(model, device), source, device, output_dir, args.max_audio_seconds)
     demo = build_demo(app, model.is_random, available_memory_modes())
     demo.queue(default_concurrency_limit=1, max_size=16)
     try:

@@ -1,7 +1,14 @@
 """Hallo3 in diffusers form: audio-driven portrait animation on CogVideoX-5B-I2V."""
 
+from .pipeline_hallo3 import Hallo3Pipeline, Hallo3PipelineOutput
 from .scheduling_hallo3 import Hallo3DPMScheduler
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
 
-__all__ = ["Hallo3DPMScheduler", "Hallo3ReferenceNet", "Hallo3Transformer3DModel"]
+__all__ = [
+    "Hallo3DPMScheduler",
+    "Hallo3Pipeline",
+    "Hallo3PipelineOutput",
+    "Hallo3ReferenceNet",
+    "Hallo3Transformer3DModel",
+]
