@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -38,9 +39,14 @@ def test_the_readme_installs_through_pyproject():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # built from a copy of what the sdist holds, so the checkout gets no build/ folder
+    source = tmp_path_factory.mktemp("source")
+    shutil.copytree(REPO / "hallo3", source / "hallo3", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )
@@ -131,8 +137,6 @@ def test_diffusion_pipeline_refuses_the_folder_without_trust_remote_code(saved_p
 
 
 def test_hallo3_pipeline_loads_the_folder_without_running_its_files(saved_pipeline, tiny_pipeline, tmp_path):
-    import shutil
-
     from hallo3 import Hallo3Pipeline
 
     tampered = tmp_path / "tampered"
