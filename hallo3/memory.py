@@ -9,7 +9,10 @@
 | 8bit, 4bit | transformer, reference net and T5 weights in bitsandbytes int8 / nf4, chosen when loading, plus model offload | a GPU, bitsandbytes |
 | int8-torchao | transformer and reference net weights in torchao int8 (weight-only), plus model offload on a GPU | torchao |
 
-VAE tiling and slicing are turned on in every mode but `none` (they are exact at the released 480x720 geometry).
+VAE slicing (one batch row at a time: the same result) is turned on in every mode but `none`. VAE tiling is not: diffusers
+blends overlapping tiles, which changes the frames at 480x720, and at small sizes it changes the latent's shape
+(64x96 frames encode to a 9x12 latent instead of 8x12). Turn it on yourself (`pipe.vae.enable_tiling()`) if the VAE's
+memory is what stops a run.
 """
 
 import importlib.util
@@ -79,7 +82,6 @@ def apply_memory_mode(pipeline, mode: str, device: str | torch.device = "cuda") 
     if mode == "none":
         pipeline.to(device)
         return
-    pipeline.vae.enable_tiling()
     pipeline.vae.enable_slicing()
     if mode == "int8-torchao" and device.type != "cuda":
         pipeline.to(device)  # weights are already int8; nothing to offload to on a CPU
