@@ -410,7 +410,11 @@ def check_rope_tables(network: dict[str, torch.Tensor], config: dict) -> None:
 
 
 def convert_network(
-    network: dict[str, torch.Tensor], model_cls: type, config: dict, folder: Path, max_shard_bytes: int
+    network: dict[str, torch.Tensor],
+    model_cls: type[Hallo3Transformer3DModel] | type[Hallo3ReferenceNet],
+    config: dict,
+    folder: Path,
+    max_shard_bytes: int,
 ) -> list[str]:
     """Stream one network into `folder`; returns the official keys that were deliberately left out."""
     with torch.device("meta"):

@@ -178,7 +178,7 @@ class Hallo3Generator:
             )
         return GenerationResult(
             path=output_path,
-            num_frames=output.num_frames,
+            num_frames=output.num_frames,  # type: ignore[union-attr]  # return_dict is True
             seconds=time.perf_counter() - started,
             seed=seed,
             settings={**asdict(settings), "seed": seed},
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if batch and args.output_dir is None:
             parser.error("--input-list needs --output-dir")
     except SystemExit as exit_:  # a bad flag (already reported in one line) or --help
-        return exit_.code
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     settings = GenerationSettings(

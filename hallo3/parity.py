@@ -28,7 +28,7 @@ class Report:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
         self.worst = 0.0
-        self.failed = []
+        self.failed: list[str] = []
 
     def compare(self, name: str, ours: torch.Tensor, recorded: torch.Tensor) -> None:
         if ours.shape != recorded.shape:
@@ -83,6 +83,8 @@ def check_forward(engine: RecordedEngine, inputs: dict, recorded: dict, report: 
     transformer = engine.transformer
     for i, bank in enumerate(engine.bank):
         report.compare(f"fwd.ref_bank.{i}", bank, recorded[f"fwd.ref_bank.{i}"])
+    if transformer.audio_proj is None:
+        raise CheckpointError("the fixture's denoiser has no audio modules; parity needs the stage-2 network.")
     report.compare("fwd.audio_tokens", transformer.audio_proj(engine.audio), recorded["fwd.audio_tokens"])
     report.compare("fwd.face_tokens", transformer.face_proj(engine.face), recorded["fwd.face_tokens"])
 

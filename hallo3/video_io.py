@@ -40,13 +40,13 @@ class VideoWriter:
         self.audio_path = audio_path
         self.metadata = metadata or {}
         self.crf = crf
-        self.process = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.num_frames = 0
         fd, temp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
         os.close(fd)
         self.temp_path = Path(temp)
 
-    def _start(self, height: int, width: int) -> None:
+    def _start(self, height: int, width: int) -> subprocess.Popen[bytes]:
         cmd = [
             ffmpeg_exe(),
             "-v",
@@ -69,26 +69,28 @@ class VideoWriter:
         for key, value in self.metadata.items():
             cmd += ["-metadata", f"{key}={value}"]
         cmd += ["-f", "mp4", str(self.temp_path)]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, frames: np.ndarray) -> None:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 [n, H, W, 3], got {frames.dtype} {frames.shape}.")
         if self.process is None:
-            self._start(frames.shape[1], frames.shape[2])
+            self.process = self._start(frames.shape[1], frames.shape[2])
         try:
-            self.process.stdin.write(np.ascontiguousarray(frames).tobytes())
+            self.process.stdin.write(np.ascontiguousarray(frames).tobytes())  # type: ignore[union-attr]  # a PIPE
         except BrokenPipeError:
             raise RuntimeError(f"ffmpeg stopped while writing {self.path}: {self._stderr()}") from None
         self.num_frames += len(frames)
 
     def _stderr(self) -> str:
-        return self.process.stderr.read().decode(errors="replace").strip() if self.process else ""
+        if self.process is None or self.process.stderr is None:
+            return ""
+        return self.process.stderr.read().decode(errors="replace").strip()
 
     def close(self) -> Path:
         if self.process is None:
             raise RuntimeError("no frames were written")
-        self.process.stdin.close()
+        self.process.stdin.close()  # type: ignore[union-attr]  # a PIPE
         if self.process.wait() != 0:
             raise RuntimeError(f"ffmpeg failed writing {self.path}: {self._stderr()}")
         self.temp_path.replace(self.path)

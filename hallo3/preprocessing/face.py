@@ -62,6 +62,11 @@ def apply_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.composite(image, Image.new("RGB", image.size, (0, 0, 0)), mask)
 
 
+def _box(values) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1
+
+
 class FaceAnalyzer:
     """Finds the largest face; ArcFace embedding through insightface when its model folder is given.
 
@@ -74,7 +79,7 @@ class FaceAnalyzer:
     def __init__(self, model_dir: Path | None = None, min_face_size: int = 48):
         self.min_face_size = min_face_size
         self._insightface = None
-        self._haar = None
+        self._haar: list | None = None
         if model_dir is not None and Path(model_dir).is_dir():
             try:
                 from insightface.app import FaceAnalysis
@@ -95,25 +100,28 @@ class FaceAnalyzer:
     def detector(self) -> str:
         return "insightface" if self._insightface is not None else "opencv-haar"
 
+    def detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
+        """Every face of `image` as (box (x0, y0, x1, y1) in pixels, embedding [512]), unfiltered."""
+        return self._detect(image)
+
     def _detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
         rgb = np.asarray(image)
         if self._insightface is not None:
             faces = self._insightface.get(rgb[:, :, ::-1].copy())  # insightface expects BGR
-            return [
-                (tuple(float(v) for v in face.bbox), np.asarray(face.embedding, dtype=np.float32)) for face in faces
-            ]
+            return [(_box(face.bbox), np.asarray(face.embedding, dtype=np.float32)) for face in faces]
         import cv2
 
         if self._haar is None:
             # precise first, then more permissive; the profile cascade looks one way, so it also runs mirrored
             self._haar = [
-                cv2.CascadeClassifier(cv2.data.haarcascades + f"haarcascade_{name}.xml")
+                cv2.CascadeClassifier(cv2.data.haarcascades + f"haarcascade_{name}.xml")  # type: ignore[attr-defined]
                 for name in ("frontalface_alt2", "frontalface_default", "profileface")
             ]
+        cascades: list = self._haar
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         boxes = []
-        for cascade in self._haar:
-            for mirrored in (False, True) if cascade is self._haar[-1] else (False,):
+        for cascade in cascades:
+            for mirrored in (False, True) if cascade is cascades[-1] else (False,):
                 found = cascade.detectMultiScale(
                     cv2.flip(gray, 1) if mirrored else gray, scaleFactor=1.05, minNeighbors=4, minSize=(24, 24)
                 )
