@@ -28,7 +28,9 @@ def speech_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_generator, tmp_path_factory):
-    app = app_module.Hallo3App(tiny_generator, tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0)
+    app = app_module.Hallo3App(
+        tiny_generator, "tiny-random", "cpu", tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0
+    )
     demo = app_module.build_demo(app, is_random=True, memory_modes=["none"])
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(
