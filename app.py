@@ -22,10 +22,13 @@ from typing import Any
 
 import gradio as gr
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from hallo3.inference import INPUT_ERRORS, GenerationSettings, Hallo3Generator
+from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, Hallo3Generator
+from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
+from hallo3.preprocessing.image import MAX_PIXELS
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -86,6 +89,26 @@ def slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames,
     )
 
 
+class PortraitImage(gr.Image):
+    """gr.Image that hands the upload over untouched (type filepath, no mode conversion: `load_image` reads 16-bit,
+    CMYK and EXIF-rotated photos, which gradio's conversion would clip) and turns an unreadable or oversized upload
+    into a message naming the uploaded file, instead of gradio's internal error with server paths."""
+
+    is_template = True  # rendered by gradio's own image widget
+
+    def preprocess(self, payload):
+        name = Path(payload.orig_name or payload.path or "upload").name if payload is not None else ""
+        if payload is not None and payload.path:
+            try:
+                with Image.open(payload.path) as header:
+                    pixels = header.width * header.height
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                raise gr.Error(f"image {name}: not an image file (PNG, JPEG, WebP, ... expected).") from None
+            if pixels > MAX_PIXELS:
+                raise gr.Error(f"image {name}: more than {MAX_PIXELS:,} pixels; resize it first.")
+        return super().preprocess(payload)
+
+
 class Hallo3App:
     """The model shared by every request, and the functions behind the buttons.
 
@@ -142,8 +165,12 @@ class Hallo3App:
             self.generator = Hallo3Generator(model, self.device, mode)
             self.memory_mode = mode
 
-    def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> tuple[str, float, int]:
-        """One video; user errors become gr.Error so the page shows them and the app keeps serving."""
+    def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> GenerationResult:
+        """One video; user errors become gr.Error so the page shows them and the app keeps serving.
+
+        Errors name the files as the user uploaded them (gradio keeps the upload's name as the file's), never the
+        server's paths, and they are logged as one line: they are the user's, not the app's.
+        """
         if not image:
             raise gr.Error("Upload a portrait image first.")
         if not audio:
@@ -152,15 +179,16 @@ class Hallo3App:
         self.clean_old_outputs()
         output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
         output.unlink()  # the writer creates it atomically
+        names = (Path(image).name, Path(audio).name)
         try:
             with self.lock:
-                result = self.generator.generate(image, audio, output, settings)
+                return self.generator.generate(image, audio, output, settings, names=names)
         except (*INPUT_ERRORS, ValueError) as error:
+            logger.info("refused a request: %s", error)
             raise gr.Error(str(error)) from None
         except Exception as error:  # keep serving; the log has the traceback
             logger.exception("generation failed")
-            raise gr.Error(f"Internal error ({type(error).__name__}): {error}") from None
-        return str(result.path), result.seconds, result.seed
+            raise gr.Error(f"Internal error ({type(error).__name__}). The server log has the details.") from None
 
     def generate(
         self,
@@ -180,14 +208,15 @@ class Hallo3App:
         settings = slider_settings(
             prompt, guidance_scale, audio_guidance_scale, motion_frames, steps, None if randomize_seed else seed
         )
-        path, seconds, used_seed = self.run(image, audio, settings)
+        result = self.run(image, audio, settings)
         summary = (
-            f"**Model:** {self.generator.model.label}  \n**Time:** {seconds:.1f} s  \n**Settings:** steps "
+            f"**Model:** {self.generator.model.label}  \n**Video:** {result.video_seconds:.2f} s "
+            f"({result.num_frames} frames) in {result.seconds:.1f} s  \n**Settings:** steps "
             f"{settings.num_inference_steps}, CFG {settings.guidance_scale}, audio guidance "
-            f"{settings.audio_guidance_scale}, motion frames {settings.motion_frames}, seed {used_seed}, memory "
+            f"{settings.audio_guidance_scale}, motion frames {settings.motion_frames}, seed {result.seed}, memory "
             f"{self.memory_mode}"
         )
-        return path, summary
+        return str(result.path), summary
 
     def generate_example(self, image: str, audio: str, prompt: str, progress=gr.Progress(track_tqdm=True)):
         """An example with the default settings (cached after its first run)."""
@@ -230,14 +259,16 @@ class Hallo3App:
         except ValueError:
             raise gr.Error(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
 
-        slots, lines = [], []
+        slots: list[dict] = []
+        lines: list[str] = []
         for text, value in zip(texts, parsed):
             settings = slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames, steps, seed)
             setattr(settings, field_name, value)
-            path, seconds, _ = self.run(image, audio, settings)
-            label = f"{axis} = {text} · {seconds:.1f} s"
-            slots.append(gr.update(value=path, label=label, visible=True))
-            lines.append(f"| {text} | {seconds:.1f} s |")
+            progress((len(slots), len(parsed)), desc=f"{axis} = {text} ({len(slots) + 1} of {len(parsed)})")
+            result = self.run(image, audio, settings)
+            label = f"{axis} = {text} · {result.seconds:.1f} s"
+            slots.append(gr.update(value=str(result.path), label=label, visible=True))
+            lines.append(f"| {text} | {result.seconds:.1f} s |")
         slots += [gr.update(value=None, visible=False)] * (MAX_VARIANTS - len(slots))
         summary = f"**{axis}**, seed {int(seed)}, {int(steps)} steps\n\n| value | time |\n|---|---|\n" + "\n".join(
             lines
@@ -254,8 +285,12 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
             gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Portrait", type="filepath", sources=["upload", "webcam"], elem_id="image")
-                audio = gr.Audio(label="Speech", type="filepath", sources=["upload", "microphone"], elem_id="audio")
+                image = PortraitImage(
+                    label="Portrait", type="filepath", image_mode=None, sources=["upload", "webcam"], elem_id="image"
+                )
+                audio = gr.Audio(
+                    label="Speech", type="filepath", format=None, sources=["upload", "microphone"], elem_id="audio"
+                )
                 prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
             with gr.Column():
                 guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.5, label="Guidance (CFG) scale", elem_id="cfg")
@@ -365,16 +400,21 @@ def main(argv: list[str] | None = None) -> None:
     app = Hallo3App(Hallo3Generator(model, device), source, device, output_dir, args.max_audio_seconds)
     demo = build_demo(app, model.is_random, available_memory_modes())
     demo.queue(default_concurrency_limit=1, max_size=16)
+    logger.info("Videos go to %s (removed when the app stops).", output_dir)
     try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            max_file_size="50mb",
-            show_error=True,
-            allowed_paths=[str(ASSETS)],
-        )
+        with stop_on_signals():  # SIGTERM (docker stop, a Space restart) and SIGHUP end the app like Ctrl-C
+            demo.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                max_file_size="50mb",
+                show_error=True,
+                allowed_paths=[str(ASSETS)],
+            )
+    except Interrupted as interrupted:
+        logger.info("Stopped by %s.", interrupted.signal_name)
     finally:
+        demo.close()
         shutil.rmtree(output_dir, ignore_errors=True)
 
 

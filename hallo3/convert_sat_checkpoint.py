@@ -18,7 +18,6 @@ import math
 import pickle
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import zipfile
@@ -29,6 +28,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from .interrupts import Interrupted, remove_stale_staging, staging_prefix, stop_on_signals
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel, get_3d_rotary_emb
 
 
@@ -43,6 +43,7 @@ UNUSED_KEYS = ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos", "tran
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CHECKPOINT_FILE = "mp_rank_00_model_states.pt"
+STAGING_SUFFIX = ".partial"
 
 
 class CheckpointError(ValueError):
@@ -457,6 +458,8 @@ def convert(
 ) -> Path:
     """Convert an official checkpoint into `output/{transformer,reference_net}`; atomic."""
     checkpoint_file = resolve_checkpoint_file(checkpoint)
+    if output.is_symlink():
+        raise CheckpointError(f"--output {output} is a symbolic link; give the folder it points to, or a new one.")
     if output.exists() and not overwrite and any(output.iterdir() if output.is_dir() else [output]):
         raise CheckpointError(f"--output {output} already exists; choose a new folder or pass --overwrite.")
     official = read_official_config(config_path)
@@ -465,12 +468,24 @@ def convert(
     if ignored:
         logger.info("Ignored %d frozen engine tensors (first_stage_model.*, conditioner.*).", len(ignored))
 
-    denoiser_config = infer_config({k: v.shape for k, v in denoiser.items()}, official, with_hallo3_modules=True)
-    reference_config = infer_config({k: v.shape for k, v in reference.items()}, official, with_hallo3_modules=False)
+    try:
+        denoiser_config = infer_config({k: v.shape for k, v in denoiser.items()}, official, with_hallo3_modules=True)
+        reference_config = infer_config(
+            {k: v.shape for k, v in reference.items()}, official, with_hallo3_modules=False
+        )
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as error:
+        raise CheckpointError(
+            f"the architecture cannot be read from the tensor shapes ({type(error).__name__}: {error}); pass "
+            f"--config with the official yaml of this checkpoint."
+        ) from None
     check_rope_tables(denoiser, denoiser_config)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    for leftover in remove_stale_staging(output.parent, output.name, STAGING_SUFFIX):
+        logger.info("Removed %s, left by a conversion that was killed.", leftover)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output.name), suffix=STAGING_SUFFIX, dir=output.parent))
     try:
         for label, network, model_cls, config in (
             ("transformer", denoiser, Hallo3Transformer3DModel, denoiser_config),
@@ -507,13 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    # a SIGTERM (e.g. a scheduler's time limit) cleans up like Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        convert(args.checkpoint, args.output, args.config, args.max_shard_size, args.overwrite)
+        with stop_on_signals():  # SIGTERM and SIGHUP clean up like Ctrl-C does
+            convert(args.checkpoint, args.output, args.config, args.max_shard_size, args.overwrite)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(f"error: stopped by {interrupted.signal_name}; nothing was written.", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)
         return 130

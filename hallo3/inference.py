@@ -10,6 +10,7 @@ message naming the input and the rule, exit code 2 and no output file; outputs a
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import sys
@@ -22,10 +23,12 @@ import torch
 from PIL import Image
 
 from .convert_sat_checkpoint import CheckpointError
-from .loading import TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline
-from .memory import MEMORY_MODES
+from .interrupts import Interrupted, stop_on_signals
+from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
+from .memory import MEMORY_MODES, available_memory_modes
+from .pipeline_hallo3 import MAX_MOTION_FRAMES
 from .preprocessing.audio import AudioError, load_audio, separate_vocals
-from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, apply_mask, face_mask
+from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
 from .video_io import VideoWriter
 
@@ -38,6 +41,7 @@ class OutputError(ValueError):
 
 
 INPUT_ERRORS = (ImageError, FaceError, AudioError, OutputError, ModelSourceError, CheckpointError)
+MAX_INFERENCE_STEPS = 1000  # the sampler selects its steps among the 1000 training timesteps
 
 
 @dataclass
@@ -61,15 +65,31 @@ class GenerationSettings:
         return {k: v for k, v in asdict(self).items() if k not in ("seed", "max_audio_seconds")}
 
     def validate(self) -> None:
+        """Every rule on the settings, before any file is read or model loaded; a ValueError names the broken one."""
+        finite = math.isfinite
         rules = [
-            (self.num_inference_steps >= 1, f"steps must be >= 1, got {self.num_inference_steps}"),
-            (self.guidance_scale >= 1, f"guidance scale must be >= 1, got {self.guidance_scale}"),
             (
-                self.audio_guidance_scale is None or self.audio_guidance_scale >= 0,
-                f"audio guidance scale must be >= 0, got {self.audio_guidance_scale}",
+                1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS,
+                f"steps must be 1..{MAX_INFERENCE_STEPS}, got {self.num_inference_steps}",
             ),
-            (0 <= self.motion_frames <= 3, f"motion frames must be 0..3 (2 as trained), got {self.motion_frames}"),
+            (
+                finite(self.guidance_scale) and self.guidance_scale >= 1,
+                f"guidance scale must be a number >= 1, got {self.guidance_scale}",
+            ),
+            (
+                self.audio_guidance_scale is None
+                or (finite(self.audio_guidance_scale) and self.audio_guidance_scale >= 0),
+                f"audio guidance scale must be a number >= 0, got {self.audio_guidance_scale}",
+            ),
+            (
+                0 <= self.motion_frames <= MAX_MOTION_FRAMES,
+                f"motion frames must be 0..{MAX_MOTION_FRAMES} (2 as trained), got {self.motion_frames}",
+            ),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}"),
+            (
+                self.max_audio_seconds is None or (finite(self.max_audio_seconds) and self.max_audio_seconds > 0),
+                f"the maximum audio length must be a positive number of seconds, got {self.max_audio_seconds}",
+            ),
         ]
         for ok, message in rules:
             if not ok:
@@ -96,9 +116,14 @@ class GenerationResult:
     seed: int
     settings: dict = field(default_factory=dict)
     model: str = ""
+    fps: int = 25
+
+    @property
+    def video_seconds(self) -> float:
+        return self.num_frames / self.fps
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, overwrite: bool = False) -> None:
     if path.suffix.lower() != ".mp4":
         raise OutputError(f"output {path}: must end in .mp4.")
     if not path.parent.is_dir():
@@ -107,6 +132,46 @@ def check_output_path(path: Path) -> None:
         raise OutputError(f"output {path}: the folder {path.parent} is not writable.")
     if path.is_dir():
         raise OutputError(f"output {path}: is a folder.")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path}: already exists; choose another name or pass --overwrite.")
+
+
+def check_device(device: str) -> None:
+    """The device exists in this PyTorch build (a CPU-only build has no 'cuda')."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:1, mps, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch build or machine has no CUDA GPU; use --device cpu.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def check_memory_mode(mode: str) -> None:
+    """The memory mode is one this machine offers (offload and bitsandbytes need CUDA; torchao needs torchao)."""
+    offered = available_memory_modes()
+    if mode not in offered:
+        needs = "a CUDA GPU and bitsandbytes" if mode in ("8bit", "4bit") else "a CUDA GPU"
+        if mode == "int8-torchao":
+            needs = "torchao (pip install torchao)"
+        raise ValueError(f"--memory-mode {mode}: needs {needs}; this machine offers {', '.join(offered)}.")
+
+
+def read_inputs(
+    image_path: str | Path,
+    audio_path: str | Path,
+    face_analyzer: FaceAnalyzer,
+    max_audio_seconds: float | None,
+    names: tuple[str, str] | None = None,
+) -> tuple[Image.Image, FaceInfo, np.ndarray]:
+    """The image, its face and the waveform, each checked against its rules; needs no model, so the CLI checks every
+    input before it loads one. `names` are how errors name the two files (default: their paths)."""
+    image_name, audio_name = names or (str(image_path), str(audio_path))
+    image = load_image(image_path, name=image_name)
+    face = face_analyzer.analyze(image, name=f"image {image_name}")
+    waveform = load_audio(audio_path, max_audio_seconds, name=audio_name)
+    return image, face, waveform
 
 
 class Hallo3Generator:
@@ -128,17 +193,19 @@ class Hallo3Generator:
         self.face_analyzer = FaceAnalyzer(model.face_analysis_dir)
 
     def prepare(
-        self, image_path: str | Path, audio_path: str | Path, max_audio_seconds: float | None
+        self,
+        image_path: str | Path,
+        audio_path: str | Path,
+        max_audio_seconds: float | None,
+        names: tuple[str, str] | None = None,
     ) -> PreparedInputs:
         """Validate and preprocess the two files; raises an `INPUT_ERRORS` class naming the file and the rule."""
-        image = load_image(image_path)
-        face = self.face_analyzer.analyze(image, name=f"image {image_path}")
+        image, face, waveform = read_inputs(image_path, audio_path, self.face_analyzer, max_audio_seconds, names)
         masked = apply_mask(image, face_mask(image.size, face.box))
         (framed, framed_reference), framing = frame_portrait(
             image, face.box, self.pipeline.width, self.pipeline.height, extra_images=(masked,)
         )
         audio_path = Path(audio_path)
-        waveform = load_audio(audio_path, max_audio_seconds)  # validates the user's file before any separation
         vocals = separate_vocals(audio_path, self.model.vocal_separator_dir)
         if vocals is not None:
             waveform = load_audio(vocals)
@@ -151,13 +218,16 @@ class Hallo3Generator:
         audio_path: str | Path,
         output_path: str | Path,
         settings: GenerationSettings | None = None,
+        overwrite: bool = False,
+        names: tuple[str, str] | None = None,
     ) -> GenerationResult:
-        """Make the mp4 at `output_path`; nothing is written unless it completes."""
+        """Make the mp4 at `output_path`; nothing is written unless it completes. An existing file is kept unless
+        `overwrite`. `names` are how errors name the two input files (default: their paths)."""
         settings = settings or GenerationSettings()
         settings.validate()
         output_path = Path(output_path)
-        check_output_path(output_path)
-        inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds)
+        check_output_path(output_path, overwrite)
+        inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds, names)
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         started = time.perf_counter()
         metadata = {
@@ -183,6 +253,7 @@ class Hallo3Generator:
             seed=seed,
             settings={**asdict(settings), "seed": seed},
             model=self.model.label,
+            fps=self.pipeline.fps,
         )
 
 
@@ -204,39 +275,52 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    defaults = GenerationSettings()  # the one source of the generation defaults
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         default=TINY_RANDOM,
         help="converted folder, official pretrained_models/ folder, Hub repo id, or tiny-random",
     )
-    parser.add_argument("--base-model", default="THUDM/CogVideoX-5b-I2V", help="T5/VAE source for converted folders")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="T5/VAE source for converted folders")
     parser.add_argument("--image", type=Path, help="portrait photo")
     parser.add_argument("--audio", type=Path, help="speech recording (wav, mp3, flac, m4a, ogg, ...)")
-    parser.add_argument("--prompt", default="", help="what the scene looks like")
+    parser.add_argument("--prompt", default=defaults.prompt, help="what the scene looks like")
     parser.add_argument("--output", type=Path, help="output .mp4")
     parser.add_argument("--input-list", type=Path, help="batch: lines prompt@@image@@audio (paths relative to it)")
     parser.add_argument("--output-dir", type=Path, help="batch: folder for the videos")
-    parser.add_argument("--steps", type=positive_int, default=50, help="sampler steps per clip")
-    parser.add_argument("--guidance-scale", type=float, default=3.5, help="joint text+audio guidance")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--steps", type=positive_int, default=defaults.num_inference_steps, help="steps per clip")
+    parser.add_argument(
+        "--guidance-scale", type=finite_float, default=defaults.guidance_scale, help="joint text+audio guidance"
+    )
     parser.add_argument(
         "--audio-guidance-scale",
-        type=float,
-        default=None,
+        type=finite_float,
+        default=defaults.audio_guidance_scale,
         help="separate audio guidance (adds a third branch unless equal to --guidance-scale)",
     )
     parser.add_argument("--dynamic-cfg", action="store_true", help="ramp guidance from 1 over the steps")
     parser.add_argument(
         "--motion-frames",
         type=int,
-        default=2,
-        choices=range(0, 4),
-        metavar="{0..3}",
+        default=defaults.motion_frames,
+        choices=range(0, MAX_MOTION_FRAMES + 1),
+        metavar=f"{{0..{MAX_MOTION_FRAMES}}}",
         help="frames carried between clips (2 as trained)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, reported)")
-    parser.add_argument("--max-audio-seconds", type=float, default=600.0, help="refuse longer audio")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: a fresh one, reported)")
+    parser.add_argument(
+        "--max-audio-seconds", type=finite_float, default=defaults.max_audio_seconds, help="refuse longer audio"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--memory-mode",
@@ -275,33 +359,55 @@ def read_input_list(path: Path) -> list[tuple[str, Path, Path]]:
 
 def run_batch(
     generator: Hallo3Generator,
-    jobs,
+    jobs: list[tuple[str, Path, Path]],
     output_dir: Path,
     settings: GenerationSettings,
     process_index: int = 0,
     num_processes: int = 1,
+    overwrite: bool = False,
+    skip: frozenset[int] = frozenset(),
 ) -> int:
-    """Run this process's share of the jobs; a failed job is reported and the rest go on. Returns failures."""
+    """Run this process's share of the jobs (but those in `skip`); a failed job is reported and the rest go on.
+    Returns the number of failures."""
     failures = 0
-    for index in range(process_index, len(jobs), num_processes):
+    mine = [index for index in range(len(jobs)) if index not in skip][process_index::num_processes]
+    for index in mine:
         prompt, image, audio = jobs[index]
         job_settings = GenerationSettings(**{**asdict(settings), "prompt": prompt})
-        output = output_dir / f"{index:03d}-{image.stem}-{audio.stem}.mp4"
+        output = batch_output(output_dir, index, jobs[index])
         try:
-            result = generator.generate(image, audio, output, job_settings)
+            result = generator.generate(image, audio, output, job_settings, overwrite)
         except (*INPUT_ERRORS, ValueError) as error:
             failures += 1
             print(f"error: job {index + 1} ({image.name}, {audio.name}): {error}", file=sys.stderr)
             continue
-        logger.info(
-            "job %d: %s (%d frames, %.1f s, seed %d)",
-            index + 1,
-            result.path,
-            result.num_frames,
-            result.seconds,
-            result.seed,
-        )
+        logger.info("job %d: %s", index + 1, summary(result))
     return failures
+
+
+def batch_output(output_dir: Path, index: int, job: tuple[str, Path, Path]) -> Path:
+    _, image, audio = job
+    return output_dir / f"{index:03d}-{image.stem}-{audio.stem}.mp4"
+
+
+def summary(result: GenerationResult) -> str:
+    return (
+        f"{result.path} ({result.video_seconds:.2f} s of video, {result.num_frames} frames) in {result.seconds:.1f} s, "
+        f"seed {result.seed}"
+    )
+
+
+def check_jobs_before_loading(
+    jobs: list[tuple[str, Path, Path]], settings: GenerationSettings, face_analyzer: FaceAnalyzer
+) -> dict[int, str]:
+    """Job index -> what is wrong with its files, found before the model loads (the slow part)."""
+    problems = {}
+    for index, (_, image, audio) in enumerate(jobs):
+        try:
+            read_inputs(image, audio, face_analyzer, settings.max_audio_seconds)
+        except INPUT_ERRORS as error:
+            problems[index] = f"job {index + 1} ({image.name}, {audio.name}): {error}"
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,34 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         max_audio_seconds=args.max_audio_seconds,
     )
     try:
-        settings.validate()
-        if batch:
-            jobs = read_input_list(args.input_list)
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            check_output_path(args.output)
-            load_image(args.image)  # fail on a bad image before loading a large model
-            load_audio(args.audio, args.max_audio_seconds)
-        from accelerate import PartialState
-
-        state = PartialState()
-        device = state.device if batch and state.num_processes > 1 else args.device
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype, memory_mode=args.memory_mode)
-        generator = Hallo3Generator(loaded, device, args.memory_mode)
-        if args.attention_backend:
-            loaded.pipeline.set_attention_backend(args.attention_backend)
-        if args.step_cache:
-            loaded.pipeline.enable_step_cache(args.step_cache, args.step_cache_threshold)
-        if args.compile:
-            loaded.pipeline.compile_transformer()
-        if batch:
-            failures = run_batch(generator, jobs, args.output_dir, settings, state.process_index, state.num_processes)
-            return 2 if failures else 0
-        result = generator.generate(args.image, args.audio, args.output, settings)
+        with stop_on_signals():
+            return run_cli(args, settings, batch)
     except (*INPUT_ERRORS, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(f"error: stopped by {interrupted.signal_name}; no output was written.", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; no output was written.", file=sys.stderr)
         return 130
@@ -369,14 +455,54 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    logger.info(
-        "Wrote %s (%d frames, %.1f s, seed %d) with %s",
-        result.path,
-        result.num_frames,
-        result.seconds,
-        result.seed,
-        loaded.label,
-    )
+
+
+def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool) -> int:
+    """Every check that needs no model, then the model, then the video(s)."""
+    settings.validate()
+    check_memory_mode(args.memory_mode)
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = state.device if batch and state.num_processes > 1 else args.device
+    check_device(str(device))
+    face_analyzer = FaceAnalyzer(local_model_folders(args.model)[0])
+    problems: dict[int, str] = {}
+    if batch:
+        jobs = read_input_list(args.input_list)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for index, job in enumerate(jobs):
+            check_output_path(batch_output(args.output_dir, index, job), args.overwrite)
+        problems = check_jobs_before_loading(jobs, settings, face_analyzer)
+        for problem in problems.values() if state.is_main_process else ():
+            print(f"error: {problem}", file=sys.stderr)
+    else:
+        check_output_path(args.output, args.overwrite)
+        read_inputs(args.image, args.audio, face_analyzer, settings.max_audio_seconds)
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype, memory_mode=args.memory_mode)
+    generator = Hallo3Generator(loaded, device, args.memory_mode)
+    if args.attention_backend:
+        loaded.pipeline.set_attention_backend(args.attention_backend)
+    if args.step_cache:
+        loaded.pipeline.enable_step_cache(args.step_cache, args.step_cache_threshold)
+    if args.compile:
+        loaded.pipeline.compile_transformer()
+    if batch:
+        failures = run_batch(
+            generator,
+            jobs,
+            args.output_dir,
+            settings,
+            state.process_index,
+            state.num_processes,
+            args.overwrite,
+            skip=frozenset(problems),
+        )
+        return 2 if failures or problems else 0
+    result = generator.generate(args.image, args.audio, args.output, settings, args.overwrite)
+    logger.info("Wrote %s with %s", summary(result), loaded.label)
     return 0
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX
+from safetensors import SafetensorError
 from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from .convert_sat_checkpoint import convert
+from .convert_sat_checkpoint import CheckpointError, convert
 from .memory import QUANTIZED_MODES, quantization_config, quantize_pipeline
 from .pipeline_hallo3 import Hallo3Pipeline
 from .scheduling_hallo3 import Hallo3DPMScheduler
@@ -193,6 +194,17 @@ def _subfolder(source: str, name: str) -> str | None:
     return None if source.endswith("t5-v1_1-xxl") else name
 
 
+def local_model_folders(model: str) -> tuple[Path | None, Path | None]:
+    """The official `face_analysis` and `audio_separator` folders of a local model source, when it has them; read
+    without loading anything, so inputs can be checked with the real face detector before the model loads."""
+    folder = Path(model)
+    if model == TINY_RANDOM or not folder.is_dir():
+        return None, None
+    face_dir = folder / "face_analysis"
+    separator_dir = folder / "audio_separator"
+    return (face_dir if face_dir.is_dir() else None), (separator_dir if separator_dir.is_dir() else None)
+
+
 def load_pipeline(
     model: str = TINY_RANDOM,
     base_model: str = DEFAULT_BASE_MODEL,
@@ -203,8 +215,21 @@ def load_pipeline(
     """Resolve `model` (see the module docstring) into a pipeline; raises `ModelSourceError` with a hint.
 
     Quantized memory modes ('8bit', '4bit', 'int8-torchao') are applied here, at load time; placement (offload) is
-    `Hallo3Pipeline.enable_memory_mode`.
+    `Hallo3Pipeline.enable_memory_mode`. A folder whose files are damaged (a truncated safetensors file, a broken
+    config.json) is a `ModelSourceError` naming the folder and the file's complaint.
     """
+    try:
+        return _load_pipeline(model, base_model, wav2vec_model, torch_dtype, memory_mode)
+    except (ModelSourceError, CheckpointError):
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelSourceError(f"--model {model}: cannot be loaded ({type(error).__name__}: {reason}).") from None
+
+
+def _load_pipeline(
+    model: str, base_model: str, wav2vec_model: str | None, torch_dtype: torch.dtype, memory_mode: str
+) -> LoadedModel:
     if model == TINY_RANDOM:
         logger.warning("Using %s.", RANDOM_WEIGHTS_NOTICE)
         pipeline = build_tiny_random_pipeline()
@@ -245,8 +270,7 @@ def load_pipeline(
         pipeline = Hallo3Pipeline.from_pretrained(folder, torch_dtype=torch_dtype, quantization_config=quantization)
         return LoadedModel(pipeline, str(model))
 
-    face_dir = folder / "face_analysis" if (folder / "face_analysis").is_dir() else None
-    separator_dir = folder / "audio_separator" if (folder / "audio_separator").is_dir() else None
+    face_dir, separator_dir = local_model_folders(str(folder))
     if (folder / "hallo3" / "latest").is_file():  # the official pretrained_models/ layout
         converted = folder / "hallo3-diffusers"
         if not (converted / "transformer").is_dir():

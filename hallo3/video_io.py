@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .interrupts import remove_stale_staging, staging_prefix
 from .preprocessing.audio import ffmpeg_exe
+
+
+PARTIAL_SUFFIX = ".partial.mp4"
 
 
 class VideoWriter:
@@ -42,7 +46,8 @@ class VideoWriter:
         self.crf = crf
         self.process: subprocess.Popen[bytes] | None = None
         self.num_frames = 0
-        fd, temp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        remove_stale_staging(self.path.parent, self.path.stem, PARTIAL_SUFFIX)
+        fd, temp = tempfile.mkstemp(prefix=staging_prefix(self.path.stem), suffix=PARTIAL_SUFFIX, dir=self.path.parent)
         os.close(fd)
         self.temp_path = Path(temp)
 
@@ -93,6 +98,10 @@ class VideoWriter:
         self.process.stdin.close()  # type: ignore[union-attr]  # a PIPE
         if self.process.wait() != 0:
             raise RuntimeError(f"ffmpeg failed writing {self.path}: {self._stderr()}")
+        # mkstemp makes the file private (0600); the finished video gets the permissions any new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        self.temp_path.chmod(0o666 & ~umask)
         self.temp_path.replace(self.path)
         return self.path
 

@@ -37,65 +37,62 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+def _decode_with_ffmpeg(path: Path, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Mono 16 kHz samples through ffmpeg. With `max_seconds`, decoding stops one second past it: a file's header
+    may not state its length (m4a, aac), and decoding a 10-hour file only to refuse it would take minutes and GBs."""
+    limit = ["-t", f"{max_seconds + 1:.3f}"] if max_seconds is not None else []
     result = subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-v",
-            "error",
-            "-nostdin",
-            "-i",
-            str(path),
-            "-vn",
-            "-ac",
-            "1",
-            "-ar",
-            str(SAMPLE_RATE),
-            "-f",
-            "f32le",
-            "-",
-        ],
+        [ffmpeg_exe(), "-v", "error", "-nostdin", "-i", str(path), *limit, "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE)]
+        + ["-f", "f32le", "-"],
         capture_output=True,
     )
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError(f"audio {path}: not a readable audio file ({detail[-1] if detail else 'ffmpeg failed'}).")
+        reason = detail[-1].replace(str(path), name) if detail else "ffmpeg failed"
+        raise AudioError(f"audio {name}: not a readable audio file ({reason}).")
     return np.frombuffer(result.stdout, dtype=np.float32).copy(), SAMPLE_RATE
 
 
-def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
-    """Mono float32 waveform at 16 kHz. Raises `AudioError` for missing, unreadable, empty or too long files."""
+def load_audio(path: str | Path, max_seconds: float | None = None, name: str | None = None) -> np.ndarray:
+    """Mono float32 waveform at 16 kHz. Raises `AudioError` for missing, unreadable, empty or too long files.
+
+    `max_seconds` must be a positive number or None (no limit); `name` is how errors name the file (default: the
+    path).
+    """
     path = Path(path)
+    name = name or str(path)
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise ValueError(f"the maximum audio length must be a positive number of seconds, got {max_seconds}.")
     if not path.is_file():
-        raise AudioError(f"audio {path}: no such file.")
+        raise AudioError(f"audio {name}: no such file.")
     if path.stat().st_size == 0:
-        raise AudioError(f"audio {path}: the file is empty.")
+        raise AudioError(f"audio {name}: the file is empty.")
     try:
         info = soundfile.info(str(path))
         duration = info.frames / info.samplerate if info.samplerate else None
     except (soundfile.LibsndfileError, RuntimeError):
         info, duration = None, None
     if duration is not None and max_seconds is not None and duration > max_seconds:
-        raise AudioError(f"audio {path}: {duration:.1f} s is longer than the maximum of {max_seconds:g} s.")
+        raise AudioError(f"audio {name}: {duration:.1f} s is longer than the maximum of {max_seconds:g} s.")
 
     if info is not None:
         try:
             waveform, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
             waveform = waveform.mean(axis=1)
         except (soundfile.LibsndfileError, RuntimeError):
-            waveform, sample_rate = _decode_with_ffmpeg(path)
+            waveform, sample_rate = _decode_with_ffmpeg(path, name, max_seconds)
     else:
-        waveform, sample_rate = _decode_with_ffmpeg(path)
+        waveform, sample_rate = _decode_with_ffmpeg(path, name, max_seconds)
 
     if sample_rate != SAMPLE_RATE:
         waveform = soxr.resample(waveform, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     seconds = len(waveform) / SAMPLE_RATE
     if seconds < MIN_SECONDS:
-        raise AudioError(f"audio {path}: {seconds:.2f} s of sound; at least {MIN_SECONDS} s is needed.")
+        raise AudioError(f"audio {name}: {seconds:.2f} s of sound; at least {MIN_SECONDS} s is needed.")
     if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(f"audio {path}: {seconds:.1f} s is longer than the maximum of {max_seconds:g} s.")
+        raise AudioError(f"audio {name}: longer than the maximum of {max_seconds:g} s.")
     if not np.isfinite(waveform).all():
-        raise AudioError(f"audio {path}: the samples contain NaN or infinity; the file is corrupt.")
+        raise AudioError(f"audio {name}: the samples contain NaN or infinity; the file is corrupt.")
     return waveform
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 512
+DETECTION_MAX_SIDE = 1280
 
 
 class FaceError(ValueError):
@@ -101,8 +102,15 @@ class FaceAnalyzer:
         return "insightface" if self._insightface is not None else "opencv-haar"
 
     def detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
-        """Every face of `image` as (box (x0, y0, x1, y1) in pixels, embedding [512]), unfiltered."""
-        return self._detect(image)
+        """Every face of `image` as (box (x0, y0, x1, y1) in pixels, embedding [512]), unfiltered.
+
+        Faces are found on a copy whose longer side is at most `DETECTION_MAX_SIDE`: detection time grows with the
+        pixel count (a 12-megapixel photo took minutes), the face does not need them.
+        """
+        scale = min(1.0, DETECTION_MAX_SIDE / max(image.size))
+        if scale < 1.0:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        return [(_box(v / scale for v in box), embedding) for box, embedding in self._detect(image)]
 
     def _detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
         rgb = np.asarray(image)
@@ -134,7 +142,7 @@ class FaceAnalyzer:
 
     def analyze(self, image: Image.Image, name: str = "image") -> FaceInfo:
         """The largest face of `image`; raises `FaceError` when there is none or it is too small."""
-        faces = self._detect(image)
+        faces = self.detect(image)
         if not faces:
             raise FaceError(
                 f"{name}: no face found ({self.detector}). Use a photo with one clearly visible, roughly frontal face."

@@ -20,30 +20,51 @@ MAX_PIXELS = 50_000_000
 HEAD_MARGIN = 1.5  # crop window keeps the face box grown by this factor, when it fits
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """RGB image with its EXIF rotation applied; grayscale, palette and RGBA photos are converted."""
+def load_image(path: str | Path, name: str | None = None) -> Image.Image:
+    """RGB image with its EXIF rotation applied; grayscale (8 or 16 bit), palette and RGBA photos are converted.
+
+    The size is checked from the header before any pixel is decoded: PIL's own bomb check only fires at twice its
+    limit, and a small file can hold a huge blank image. `name` is how errors name the file (default: the path).
+    """
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise ImageError(f"image {path}: no such file.")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        raise ImageError(f"image {name}: no such file.")
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(
+                    f"image {name}: {image.width}x{image.height} is more than {MAX_PIXELS:,} pixels; resize it first."
+                )
             image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                image = _to_8_bit(image)
             if image.mode in ("RGBA", "LA", "P"):
                 # transparent pixels become white, not the undefined colour under them
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             image = image.convert("RGB")
             image.load()
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"image {path}: not an image file (PNG, JPEG, WebP, ... expected).") from None
+        raise ImageError(f"image {name}: not an image file (PNG, JPEG, WebP, ... expected).") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"image {path}: more than {MAX_PIXELS:,} pixels; resize it first.") from None
-    except (OSError, SyntaxError) as error:
-        raise ImageError(f"image {path}: the file is damaged or truncated ({error}).") from None
+        raise ImageError(f"image {name}: more than {MAX_PIXELS:,} pixels; resize it first.") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"image {name}: the file is damaged or truncated ({error}).") from None
     if min(image.size) < 16:
-        raise ImageError(f"image {path}: {image.width}x{image.height} px is too small to hold a face.")
+        raise ImageError(f"image {name}: {image.width}x{image.height} px is too small to hold a face.")
     return image
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale -> 8-bit "L". PIL's own conversion clips every value above 255 to white."""
+    values = np.asarray(image, dtype=np.float64)
+    full_scale = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else 255.0
+    if image.mode == "F" and values.max(initial=0) <= 1.0:
+        full_scale = 1.0
+    return Image.fromarray(np.clip(values / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 @dataclass
