@@ -118,7 +118,7 @@ def bad_input_cases(tmp_path):
         ),
         "bad guidance": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--guidance-scale", "0.2"],
-            "guidance scale must be >= 1",
+            "guidance scale must be a number >= 1",
         ),
         "too long audio": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--max-audio-seconds", "0.5"],
