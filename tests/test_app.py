@@ -94,11 +94,24 @@ def test_a_bad_upload_is_an_error_and_the_next_request_works(client, speech_file
     else:
         image = tmp_path / "photo.png"
         image.write_text("not an image")
-        expected = "image"
-    with pytest.raises(AppError, match=expected):
+        expected = "not an image file"
+    with pytest.raises(AppError, match=expected) as refused:
         client.predict(*generate_args(image, audio), api_name="/generate")
+    message = str(refused.value)
+    uploaded = Path(image if bad in ("no-face", "not-image") else audio).name
+    assert uploaded in message  # the file as the user named it
+    assert "/tmp" not in message and "gradio" not in message.lower()  # no server paths, no gradio internals
     video, _ = client.predict(*generate_args(ASSETS / "0008.jpg", speech_file), api_name="/generate")
     assert video
+
+
+def test_a_16_bit_grayscale_upload_is_read_whole(client, speech_file, tmp_path):
+    from PIL import Image
+
+    gray = np.asarray(Image.open(ASSETS / "0001.jpg").convert("L"), dtype=np.uint16)
+    Image.fromarray(gray * 257).save(tmp_path / "scan16.png")  # gradio's own RGB conversion would clip it to white
+    video, summary = client.predict(*generate_args(tmp_path / "scan16.png", speech_file), api_name="/generate")
+    assert video and "Video:" in summary
 
 
 def test_ablation_returns_one_video_per_variant(client, speech_file):

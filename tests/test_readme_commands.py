@@ -224,11 +224,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 240) -> None:
+def wait_until_serving(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the app exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+            raise AssertionError(f"the app exited with {process.returncode}: {log_path.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -239,23 +239,33 @@ def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 240
 
 
 class RunningApp:
-    """`python app.py ARGS` in `cwd`; stopped with SIGTERM (as `docker stop` or a Space restart does)."""
+    """`python app.py ARGS` in `cwd`; stopped with SIGTERM (as `docker stop` or a Space restart does). Its log goes
+    to a file (a pipe nobody reads would fill up and stall the app)."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], url: str):
         self.url = url
+        self.log_path = cwd / f"app-{len(list(cwd.glob('app-*.log')))}.log"
+        self.log_file = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "app.py", *args],
             cwd=cwd,
             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         try:
-            wait_until_serving(self.process, url)
+            wait_until_serving(self.process, url, self.log_path)
         except BaseException:
             self.stop()
             raise
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def output_dir(self) -> Path:
+        (line,) = [line for line in self.log().splitlines() if line.startswith("Videos go to ")]
+        return Path(line.removeprefix("Videos go to ").split(" (")[0])
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -265,6 +275,7 @@ class RunningApp:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_file.close()
         return self.process.returncode
 
 
@@ -310,8 +321,12 @@ def test_python_app_py_serves_a_generate_request(checkout, speech):
     try:
         summary = generate_once(app.url, speech)
         assert "RANDOM WEIGHTS" in summary
+        output_dir = app.output_dir()
+        assert list(output_dir.glob("*.mp4"))
     finally:
         app.stop()
+    assert not output_dir.exists()  # SIGTERM cleaned the app's videos up
+    assert "Traceback" not in app.log()
 
 
 def test_python_app_py_as_a_space_starts_it(checkout, speech):
