@@ -102,8 +102,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: the pickle calls {unsafe or 'code'} that a plain checkpoint never holds."
             ) from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({reason}).") from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("module"), dict):
-        return checkpoint["module"]
+    for wrapper in ("module", "state_dict"):  # DeepSpeed model states; a Lightning-style file (the SAT VAE)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            return checkpoint[wrapper]
     if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint  # a bare state dict, as SAT's inference-mode save writes it
     raise CheckpointError(f"{path}: no `module` state dict inside; this is not a SAT/DeepSpeed model-states file.")

@@ -3,9 +3,10 @@
 - a full pipeline folder (model_index.json, e.g. from `pipe.save_pretrained`);
 - a converter output (`transformer/` + `reference_net/`): T5, VAE and wav2vec2 come from `--base-model` and
   `--wav2vec-model` (Hub ids or folders);
-- the official `pretrained_models/` layout (`hallo3/latest`, `cogvideox-5b-i2v-sat/t5-v1_1-xxl`,
-  `wav2vec/wav2vec2-base-960h`, `face_analysis`, `audio_separator`): the SAT checkpoint is converted on first use
-  into `pretrained_models/hallo3-diffusers` and reused afterwards;
+- the official `pretrained_models/` layout, as `hf download fudan-generative-ai/hallo3 --local-dir pretrained_models`
+  writes it (`hallo3/latest`, `cogvideox-5b-i2v-sat/vae/3d-vae.pt`, `t5-v1_1-xxl/`, `wav2vec/wav2vec2-base-960h/`,
+  `face_analysis/`, `audio_separator/`): the SAT transformer and VAE are converted on first use into
+  `pretrained_models/hallo3-diffusers` and reused afterwards; nothing else is needed, `HF_HUB_OFFLINE=1` works;
 - a Hub repo id, downloaded with huggingface_hub and then treated as one of the above;
 - `tiny-random`: a tiny configuration with random weights built in code, for demos and tests on a CPU. Its output
   is noise shaped like a video; it is labelled as random wherever it appears.
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .convert_sat_checkpoint import CheckpointError, convert
+from .convert_sat_vae import convert_vae
 from .memory import QUANTIZED_MODES, quantization_config, quantize_pipeline
 from .pipeline_hallo3 import Hallo3Pipeline
 from .scheduling_hallo3 import Hallo3DPMScheduler
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 TINY_RANDOM = "tiny-random"
 DEFAULT_BASE_MODEL = "THUDM/CogVideoX-5b-I2V"
 DEFAULT_WAV2VEC = "facebook/wav2vec2-base-960h"
+OFFICIAL_CONVERTED = "hallo3-diffusers"  # inside pretrained_models/: the converted transformer, reference net, VAE
 RANDOM_WEIGHTS_NOTICE = "tiny-random: RANDOM WEIGHTS, not a trained model; the video is noise"
 
 
@@ -158,40 +161,65 @@ def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
 # real weights
 
 
+@dataclass
+class Source:
+    """Where one component is read from: a local folder or a Hub repo id, and the subfolder inside it."""
+
+    path: str
+    subfolder: str | None = None
+
+
 def _from_parts(
-    folder: Path, base_model: str, wav2vec_model: str, torch_dtype: torch.dtype, memory_mode: str = "none"
+    folder: Path, text: Source, vae: Source, wav2vec: str, torch_dtype: torch.dtype, memory_mode: str = "none"
 ) -> Hallo3Pipeline:
-    """Converter output + T5/VAE from a CogVideoX-5B-I2V diffusers repo + wav2vec2; quantized at load if asked."""
+    """Converter output (`transformer/`, `reference_net/`) + T5, VAE and wav2vec2 from their sources; quantized at
+    load if asked."""
     from transformers import AutoTokenizer
 
-    text_source = _text_encoder_source(folder, base_model)
+    # a diffusers repo has tokenizer/ and text_encoder/; the official T5 folder is flat (transformers wants no
+    # subfolder argument at all then, not None)
+    tokenizer_in = {"subfolder": "tokenizer"} if text.subfolder else {}
+    encoder_in = {"subfolder": text.subfolder} if text.subfolder else {}
     quantized = dict(quantization_config=quantization_config(memory_mode, "diffusers"), torch_dtype=torch_dtype)
     return Hallo3Pipeline(
-        tokenizer=AutoTokenizer.from_pretrained(text_source, subfolder=_subfolder(text_source, "tokenizer")),
+        tokenizer=AutoTokenizer.from_pretrained(text.path, **tokenizer_in),
         text_encoder=T5EncoderModel.from_pretrained(
-            text_source,
-            subfolder=_subfolder(text_source, "text_encoder"),
+            text.path,
+            **encoder_in,
             torch_dtype=torch_dtype,
             quantization_config=quantization_config(memory_mode, "transformers"),
         ),
-        vae=AutoencoderKLCogVideoX.from_pretrained(base_model, subfolder="vae", torch_dtype=torch_dtype),
+        vae=AutoencoderKLCogVideoX.from_pretrained(vae.path, subfolder=vae.subfolder, torch_dtype=torch_dtype),
         transformer=Hallo3Transformer3DModel.from_pretrained(folder / "transformer", **quantized),
         reference_net=Hallo3ReferenceNet.from_pretrained(folder / "reference_net", **quantized),
         scheduler=Hallo3DPMScheduler(),
-        audio_feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_model),
+        audio_feature_extractor=Wav2Vec2FeatureExtractor.from_pretrained(wav2vec),
         # wav2vec2 runs in fp32, as in the official code
-        audio_encoder=Wav2Vec2Model.from_pretrained(wav2vec_model, torch_dtype=torch.float32),
+        audio_encoder=Wav2Vec2Model.from_pretrained(wav2vec, torch_dtype=torch.float32),
     )
 
 
-def _text_encoder_source(folder: Path, base_model: str) -> str:
-    """The official layout ships T5 as a transformers folder next to the checkpoint; otherwise the base repo."""
-    official_t5 = folder.parent / "cogvideox-5b-i2v-sat" / "t5-v1_1-xxl"
-    return str(official_t5) if official_t5.is_dir() else base_model
-
-
-def _subfolder(source: str, name: str) -> str | None:
-    return None if source.endswith("t5-v1_1-xxl") else name
+def official_layout_sources(folder: Path, base_model: str, wav2vec_model: str | None) -> tuple[Source, Source, str]:
+    """T5, VAE and wav2vec2 of the official `pretrained_models/` download, converted where needed (once, into
+    `hallo3-diffusers/`): the download alone is enough, nothing comes from the Hub. A part that is missing from the
+    folder comes from `base_model` / the official wav2vec2 repo instead, and the log says so."""
+    converted = folder / OFFICIAL_CONVERTED
+    t5 = folder / "t5-v1_1-xxl"
+    text = Source(str(t5)) if t5.is_dir() else Source(base_model, "text_encoder")
+    sat_vae = folder / "cogvideox-5b-i2v-sat" / "vae" / "3d-vae.pt"
+    if (converted / "vae").is_dir():
+        vae = Source(str(converted / "vae"))
+    elif sat_vae.is_file():
+        logger.info("Converting the official VAE %s into %s (once).", sat_vae, converted / "vae")
+        vae = Source(str(convert_vae(sat_vae, converted / "vae")))
+    else:
+        vae = Source(base_model, "vae")
+    local_wav2vec = folder / "wav2vec" / "wav2vec2-base-960h"
+    wav2vec = wav2vec_model or (str(local_wav2vec) if local_wav2vec.is_dir() else DEFAULT_WAV2VEC)
+    for name, source in (("T5", text.path), ("VAE", vae.path), ("wav2vec2", wav2vec)):
+        if not Path(source).exists():
+            logger.info("%s: not in %s; from %s.", name, folder, source)
+    return text, vae, wav2vec
 
 
 def local_model_folders(model: str) -> tuple[Path | None, Path | None]:
@@ -272,17 +300,17 @@ def _load_pipeline(
 
     face_dir, separator_dir = local_model_folders(str(folder))
     if (folder / "hallo3" / "latest").is_file():  # the official pretrained_models/ layout
-        converted = folder / "hallo3-diffusers"
+        converted = folder / OFFICIAL_CONVERTED
         if not (converted / "transformer").is_dir():
             logger.info("Converting the official checkpoint into %s (once).", converted)
-            convert(folder / "hallo3", converted)
-        local_wav2vec = folder / "wav2vec" / "wav2vec2-base-960h"
-        wav2vec = wav2vec_model or (str(local_wav2vec) if local_wav2vec.is_dir() else DEFAULT_WAV2VEC)
-        pipeline = _from_parts(converted, base_model, wav2vec, torch_dtype, memory_mode)
+            convert(folder / "hallo3", converted, overwrite=converted.is_dir())
+        text, vae, wav2vec = official_layout_sources(folder, base_model, wav2vec_model)
+        pipeline = _from_parts(converted, text, vae, wav2vec, torch_dtype, memory_mode)
         return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
 
     if (folder / "transformer").is_dir() and (folder / "reference_net").is_dir():
-        pipeline = _from_parts(folder, base_model, wav2vec_model or DEFAULT_WAV2VEC, torch_dtype, memory_mode)
+        text, vae = Source(base_model, "text_encoder"), Source(base_model, "vae")
+        pipeline = _from_parts(folder, text, vae, wav2vec_model or DEFAULT_WAV2VEC, torch_dtype, memory_mode)
         return LoadedModel(pipeline, str(model), face_analysis_dir=face_dir, vocal_separator_dir=separator_dir)
 
     raise ModelSourceError(
