@@ -9,7 +9,6 @@ cannot run on a CPU without the official download. A new README command that is 
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from .conftest import ASSETS, FIXTURE_A
+from .official_layout import build_official_layout
 
 
 REPO = Path(__file__).parent.parent
@@ -33,8 +34,7 @@ README = REPO / "README.md"
 NEEDS_REAL_WEIGHTS = {
     "python -m hallo3.inference --model pretrained_models": "real weights; the same CLI runs on tiny-random below",
     "accelerate launch -m hallo3.inference --model pretrained_models": "real weights on GPUs",
-    "python -m hallo3.save_pipeline --model pretrained_models": "real weights; test_save_pipeline_* runs it on the "
-    "converted fixture",
+    "hf download fudan-generative-ai/hallo3": "the Hub; tests/official_layout.py builds the same layout, tiny",
     "python -m train.prepare_dataset --videos data/videos": "a real data set and the official models",
     "accelerate launch --config_file train/configs/accelerate/": "GPUs; tests/test_train.py launches the shipped "
     "configs on 2 CPU processes",
@@ -95,6 +95,8 @@ RUN_HERE = (
     "python app.py",
     "python -m hallo3.inference --model tiny-random",
     "python -m hallo3.convert_sat_checkpoint --checkpoint pretrained_models/hallo3",
+    "python -m hallo3.convert_sat_vae --checkpoint pretrained_models/",
+    "python -m hallo3.save_pipeline --model pretrained_models",
     "python -m train.synthetic_data",
     "python -m train.prepare_dataset --videos runs/tiny-raw/videos",
     "python -m train.train --config train/configs/tiny.yaml",
@@ -131,16 +133,44 @@ def test_cli_example_runs_verbatim(checkout):
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] > 0
 
 
-def test_converter_example_runs_verbatim_on_the_fixture(checkout):
-    (command,) = command_like("python -m hallo3.convert_sat_checkpoint --checkpoint pretrained_models/hallo3")
-    shutil.copytree(FIXTURE_A / "checkpoint", checkout / "pretrained_models" / "hallo3")  # the official layout
-    result = run_verbatim(command, checkout)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture
+def checkout_with_download(checkout) -> Path:
+    """The checkout with a tiny `pretrained_models/` laid out as the official download."""
+    build_official_layout(checkout)
+    return checkout
+
+
+def test_conversion_commands_run_verbatim_on_the_download(checkout_with_download):
+    from diffusers import AutoencoderKLCogVideoX
+
     from hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
-    converted = checkout / "pretrained_models" / "hallo3-diffusers"
+    commands = [
+        *command_like("python -m hallo3.convert_sat_checkpoint --checkpoint pretrained_models/hallo3"),
+        *command_like("python -m hallo3.convert_sat_vae --checkpoint pretrained_models/"),
+    ]
+    for command in commands:
+        result = run_verbatim(command, checkout_with_download)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    converted = checkout_with_download / "pretrained_models" / "hallo3-diffusers"
     Hallo3Transformer3DModel.from_pretrained(converted / "transformer")
     Hallo3ReferenceNet.from_pretrained(converted / "reference_net")
+    AutoencoderKLCogVideoX.from_pretrained(converted / "vae")
+
+
+def test_save_pipeline_command_runs_verbatim_on_the_download(checkout_with_download):
+    from diffusers import DiffusionPipeline
+
+    (command,) = command_like("python -m hallo3.save_pipeline --model pretrained_models")
+    result = run_verbatim(command, checkout_with_download, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = checkout_with_download / shlex.split(command)[shlex.split(command).index("--output") + 1]
+    pipe = DiffusionPipeline.from_pretrained(output, trust_remote_code=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(next((output / "transformer").glob("*.safetensors")))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}  # the command's default
+    assert type(pipe.vae).__name__ == "AutoencoderKLCogVideoX" and pipe.vae.config.scaling_factor == 0.7
 
 
 def test_training_smoke_commands_run_verbatim(checkout):
