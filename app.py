@@ -214,7 +214,8 @@ class Hallo3App:
             f"({result.num_frames} frames) in {result.seconds:.1f} s  \n**Settings:** steps "
             f"{settings.num_inference_steps}, CFG {settings.guidance_scale}, audio guidance "
             f"{settings.audio_guidance_scale}, motion frames {settings.motion_frames}, seed {result.seed}, memory "
-            f"{self.memory_mode}"
+            f"{self.memory_mode}  \n**Inputs:** "
+            + "; ".join(f"{name}: {note}" for name, note in result.inputs.items())
         )
         return str(result.path), summary
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from .interrupts import Interrupted, stop_on_signals
 from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
 from .memory import MEMORY_MODES, available_memory_modes
 from .pipeline_hallo3 import MAX_MOTION_FRAMES
-from .preprocessing.audio import AudioError, load_audio, separate_vocals
+from .preprocessing.audio import SEPARATOR_MODEL, AudioError, load_audio, separate_vocals, separation_unavailable
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
 from .video_io import VideoWriter
@@ -56,13 +57,15 @@ class GenerationSettings:
     motion_frames: int = 2
     seed: int | None = None  # None: a fresh random seed, reported in the result
     max_audio_seconds: float | None = 600.0
+    separate_vocals: bool = True  # the official behaviour, when the separator model is present
     disable_reference: bool = False
     disable_face_embedding: bool = False
     disable_audio: bool = False
 
     def pipeline_kwargs(self) -> dict:
         """The settings `Hallo3Pipeline.__call__` takes under the same names (the rest is for the file side)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("seed", "max_audio_seconds")}
+        file_side = ("seed", "max_audio_seconds", "separate_vocals")
+        return {k: v for k, v in asdict(self).items() if k not in file_side}
 
     def validate(self) -> None:
         """Every rule on the settings, before any file is read or model loaded; a ValueError names the broken one."""
@@ -106,6 +109,8 @@ class PreparedInputs:
     waveform: np.ndarray
     framing: Framing
     audio_path: Path
+    # what the preprocessing used, for the log, the app's summary and the mp4's metadata
+    report: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +122,7 @@ class GenerationResult:
     settings: dict = field(default_factory=dict)
     model: str = ""
     fps: int = 25
+    inputs: dict[str, str] = field(default_factory=dict)  # what the preprocessing used (face, vocals)
 
     @property
     def video_seconds(self) -> float:
@@ -156,6 +162,14 @@ def check_memory_mode(mode: str) -> None:
         if mode == "int8-torchao":
             needs = "torchao (pip install torchao)"
         raise ValueError(f"--memory-mode {mode}: needs {needs}; this machine offers {', '.join(offered)}.")
+
+
+def face_report(face: FaceInfo) -> str:
+    """The face detector and where the identity embedding came from, in words."""
+    source = getattr(face, "embedding_source", None) or (
+        "ArcFace" if np.any(face.embedding) else "zeros (no ArcFace model: likeness from the reference image alone)"
+    )
+    return f"{face.detector}, {face.num_faces} face(s); identity embedding: {source}"
 
 
 def read_inputs(
@@ -198,6 +212,7 @@ class Hallo3Generator:
         audio_path: str | Path,
         max_audio_seconds: float | None,
         names: tuple[str, str] | None = None,
+        separate: bool = True,
     ) -> PreparedInputs:
         """Validate and preprocess the two files; raises an `INPUT_ERRORS` class naming the file and the rule."""
         image, face, waveform = read_inputs(image_path, audio_path, self.face_analyzer, max_audio_seconds, names)
@@ -206,11 +221,28 @@ class Hallo3Generator:
             image, face.box, self.pipeline.width, self.pipeline.height, extra_images=(masked,)
         )
         audio_path = Path(audio_path)
-        vocals = separate_vocals(audio_path, self.model.vocal_separator_dir)
-        if vocals is not None:
-            waveform = load_audio(vocals)
+        waveform, vocals_note = self.vocals(audio_path, waveform, separate)
         embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
-        return PreparedInputs(framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path)
+        report = {"face": face_report(face), "vocals": vocals_note}
+        for name, note in report.items():
+            logger.info("%s: %s", name, note)
+        return PreparedInputs(
+            framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path, report
+        )
+
+    def vocals(self, audio_path: Path, waveform: np.ndarray, separate: bool) -> tuple[np.ndarray, str]:
+        """The waveform wav2vec2 hears: the separated vocals when asked for and possible (the official behaviour),
+        else the file as it is; and a note saying which."""
+        reason = "turned off" if not separate else separation_unavailable(self.model.vocal_separator_dir)
+        if reason is not None:
+            return waveform, f"not separated ({reason})"
+        vocals = separate_vocals(audio_path, self.model.vocal_separator_dir)
+        if vocals is None:
+            return waveform, "not separated (the separator returned no vocals stem)"
+        try:
+            return load_audio(vocals), f"separated ({SEPARATOR_MODEL})"
+        finally:
+            shutil.rmtree(vocals.parent, ignore_errors=True)
 
     def generate(
         self,
@@ -227,12 +259,13 @@ class Hallo3Generator:
         settings.validate()
         output_path = Path(output_path)
         check_output_path(output_path, overwrite)
-        inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds, names)
+        inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds, names, settings.separate_vocals)
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         started = time.perf_counter()
+        inputs_used = " | ".join(f"{name}: {note}" for name, note in inputs.report.items())
         metadata = {
             "comment": f"hallo3 | model: {self.model.label} | seed {seed} | steps "
-            f"{settings.num_inference_steps} | guidance {settings.guidance_scale}"
+            f"{settings.num_inference_steps} | guidance {settings.guidance_scale} | {inputs_used}"
         }
         with VideoWriter(
             output_path, fps=self.pipeline.fps, audio_path=inputs.audio_path, metadata=metadata
@@ -254,6 +287,7 @@ class Hallo3Generator:
             settings={**asdict(settings), "seed": seed},
             model=self.model.label,
             fps=self.pipeline.fps,
+            inputs=inputs.report,
         )
 
 
@@ -309,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="separate audio guidance (adds a third branch unless equal to --guidance-scale)",
     )
     parser.add_argument("--dynamic-cfg", action="store_true", help="ramp guidance from 1 over the steps")
+    parser.add_argument(
+        "--no-vocal-separation",
+        dest="separate_vocals",
+        action="store_false",
+        help="give wav2vec2 the audio as it is (by default vocals are separated when the separator model is present)",
+    )
     parser.add_argument(
         "--motion-frames",
         type=int,
@@ -434,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         motion_frames=args.motion_frames,
         seed=args.seed,
         max_audio_seconds=args.max_audio_seconds,
+        separate_vocals=args.separate_vocals,
     )
     try:
         with stop_on_signals():

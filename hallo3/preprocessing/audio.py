@@ -6,6 +6,7 @@ which the official code uses). Vocal separation with the official MDX-Net model 
 model file are present.
 """
 
+import importlib.util
 import logging
 import math
 import shutil
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 MIN_SECONDS = 0.2
+SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
 
 
 class AudioError(ValueError):
@@ -96,18 +98,27 @@ def load_audio(path: str | Path, max_seconds: float | None = None, name: str | N
     return waveform
 
 
+def separation_unavailable(model_dir: Path | None) -> str | None:
+    """Why vocals cannot be separated with `model_dir` (the official `audio_separator` folder), or None if they can."""
+    if model_dir is None:
+        return "no audio_separator model folder"
+    if not (model_dir / SEPARATOR_MODEL).is_file():
+        return f"{model_dir} has no {SEPARATOR_MODEL}"
+    if importlib.util.find_spec("audio_separator") is None:
+        return "audio-separator is not installed (pip install hallo3[separator])"
+    return None
+
+
 def separate_vocals(path: Path, model_dir: Path | None) -> Path | None:
-    """Vocals stem through the official Kim_Vocal_2 MDX-Net model (audio-separator), or None when unavailable."""
-    if model_dir is None or not (model_dir / "Kim_Vocal_2.onnx").is_file():
+    """Vocals stem through the official Kim_Vocal_2 MDX-Net model (audio-separator), or None when unavailable (see
+    `separation_unavailable`). The stem is written to a new temporary folder: the caller removes `result.parent`."""
+    if model_dir is None or separation_unavailable(model_dir) is not None:
         return None
-    try:
-        from audio_separator.separator import Separator
-    except ImportError:
-        logger.warning("Vocal separation skipped: `pip install audio-separator` to use %s.", model_dir)
-        return None
+    from audio_separator.separator import Separator
+
     output_dir = Path(tempfile.mkdtemp(prefix="hallo3-vocals-"))
     separator = Separator(output_dir=str(output_dir), output_single_stem="vocals", model_file_dir=str(model_dir))
-    separator.load_model("Kim_Vocal_2.onnx")
+    separator.load_model(SEPARATOR_MODEL)
     stems = separator.separate(str(path))
     if not stems:
         shutil.rmtree(output_dir, ignore_errors=True)
