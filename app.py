@@ -22,13 +22,11 @@ from typing import Any
 
 import gradio as gr
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, Hallo3Generator
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
-from hallo3.preprocessing.image import MAX_PIXELS
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -89,24 +87,19 @@ def slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames,
     )
 
 
-class PortraitImage(gr.Image):
-    """gr.Image that hands the upload over untouched (type filepath, no mode conversion: `load_image` reads 16-bit,
-    CMYK and EXIF-rotated photos, which gradio's conversion would clip) and turns an unreadable or oversized upload
-    into a message naming the uploaded file, instead of gradio's internal error with server paths."""
-
-    is_template = True  # rendered by gradio's own image widget
-
-    def preprocess(self, payload):
-        name = Path(payload.orig_name or payload.path or "upload").name if payload is not None else ""
-        if payload is not None and payload.path:
-            try:
-                with Image.open(payload.path) as header:
-                    pixels = header.width * header.height
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                raise gr.Error(f"image {name}: not an image file (PNG, JPEG, WebP, ... expected).") from None
-            if pixels > MAX_PIXELS:
-                raise gr.Error(f"image {name}: more than {MAX_PIXELS:,} pixels; resize it first.")
-        return super().preprocess(payload)
+def uploaded(value: str | dict | None, kind: str) -> tuple[str, str]:
+    """(server path, the name the user gave the file) of an upload. The buttons run with gradio's preprocessing off,
+    so that an unreadable upload reaches our checks (which name it and say the rule) instead of failing in gradio
+    with its internal error and server paths; examples and API calls may still pass a plain path."""
+    if isinstance(value, str) and value:
+        return value, Path(value).name
+    if isinstance(value, dict) and value.get("path"):
+        return value["path"], Path(value.get("orig_name") or value["path"]).name
+    raise gr.Error(
+        f"Upload the {kind} first."
+        if value in (None, "")
+        else f"The {kind} upload arrived incomplete; upload it again."
+    )
 
 
 class Hallo3App:
@@ -165,24 +158,25 @@ class Hallo3App:
             self.generator = Hallo3Generator(model, self.device, mode)
             self.memory_mode = mode
 
-    def run(self, image: str | None, audio: str | None, settings: GenerationSettings) -> GenerationResult:
+    def run(
+        self, image: str | dict | None, audio: str | dict | None, settings: GenerationSettings
+    ) -> GenerationResult:
         """One video; user errors become gr.Error so the page shows them and the app keeps serving.
 
-        Errors name the files as the user uploaded them (gradio keeps the upload's name as the file's), never the
-        server's paths, and they are logged as one line: they are the user's, not the app's.
+        Errors name the files as the user uploaded them, never the server's paths, and they are logged as one line:
+        they are the user's, not the app's.
         """
-        if not image:
-            raise gr.Error("Upload a portrait image first.")
-        if not audio:
-            raise gr.Error("Upload or record the speech audio first.")
+        image_path, image_name = uploaded(image, "portrait image")
+        audio_path, audio_name = uploaded(audio, "speech audio")
         settings.max_audio_seconds = self.max_audio_seconds
         self.clean_old_outputs()
         output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
         output.unlink()  # the writer creates it atomically
-        names = (Path(image).name, Path(audio).name)
         try:
             with self.lock:
-                return self.generator.generate(image, audio, output, settings, names=names)
+                return self.generator.generate(
+                    image_path, audio_path, output, settings, names=(image_name, audio_name)
+                )
         except (*INPUT_ERRORS, ValueError) as error:
             logger.info("refused a request: %s", error)
             raise gr.Error(str(error)) from None
@@ -286,7 +280,8 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
             gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
         with gr.Row():
             with gr.Column():
-                image = PortraitImage(
+                # no mode conversion: `load_image` reads 16-bit, CMYK and EXIF-rotated photos that gradio would clip
+                image = gr.Image(
                     label="Portrait", type="filepath", image_mode=None, sources=["upload", "webcam"], elem_id="image"
                 )
                 audio = gr.Audio(
@@ -358,12 +353,14 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
             ],
             outputs=[video, summary],
             api_name="generate",
+            preprocess=False,  # see `uploaded`
         )
         ablation_button.click(
             GPU(app.ablation, duration=900),
             inputs=[image, audio, prompt, axis, values, guidance, audio_guidance, motion_frames, steps, seed],
             outputs=[*variant_videos, ablation_summary],
             api_name="ablation",
+            preprocess=False,  # see `uploaded`
         )
     return demo
 

@@ -4,6 +4,7 @@ Shared by the pipeline and `train/`; no models, no files.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -61,3 +62,20 @@ def motion_frame_mask(
     gray in [-1, 1]), shared by all motion frames and channels (reference 6.1, 12.14)."""
     noise = torch.rand((height, width), generator=generator, device=generator.device if generator else device)
     return (noise > rate).to(device)
+
+
+@dataclass
+class ClipLoopState:
+    """Where the pipeline's clip loop stands after a clip: enough to compute the next clip exactly.
+
+    Attributes:
+        next_clip: index of the next clip to compute.
+        frames_done: output frames delivered so far.
+        motion: the last decoded frames in [-1, 1] that condition the next clip ([K, 3, H, W]), or None.
+        generator_state: `torch.Generator.get_state()` after the clip's last random draw, or None.
+    """
+
+    next_clip: int
+    frames_done: int
+    motion: torch.Tensor | None
+    generator_state: torch.Tensor | None

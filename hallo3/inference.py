@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from .interrupts import Interrupted, stop_on_signals
 from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
 from .memory import MEMORY_MODES, available_memory_modes
 from .pipeline_hallo3 import MAX_MOTION_FRAMES
-from .preprocessing.audio import SEPARATOR_MODEL, AudioError, load_audio, separate_vocals, separation_unavailable
+from .preprocessing.audio import AudioError, load_audio, vocals_for_wav2vec
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
 from .video_io import VideoWriter
@@ -166,10 +165,7 @@ def check_memory_mode(mode: str) -> None:
 
 def face_report(face: FaceInfo) -> str:
     """The face detector and where the identity embedding came from, in words."""
-    source = getattr(face, "embedding_source", None) or (
-        "ArcFace" if np.any(face.embedding) else "zeros (no ArcFace model: likeness from the reference image alone)"
-    )
-    return f"{face.detector}, {face.num_faces} face(s); identity embedding: {source}"
+    return f"{face.detector}, {face.num_faces} face(s); identity embedding: {face.embedding_source}"
 
 
 def read_inputs(
@@ -221,7 +217,7 @@ class Hallo3Generator:
             image, face.box, self.pipeline.width, self.pipeline.height, extra_images=(masked,)
         )
         audio_path = Path(audio_path)
-        waveform, vocals_note = self.vocals(audio_path, waveform, separate)
+        waveform, vocals_note = vocals_for_wav2vec(audio_path, waveform, self.model.vocal_separator_dir, separate)
         embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
         report = {"face": face_report(face), "vocals": vocals_note}
         for name, note in report.items():
@@ -229,20 +225,6 @@ class Hallo3Generator:
         return PreparedInputs(
             framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path, report
         )
-
-    def vocals(self, audio_path: Path, waveform: np.ndarray, separate: bool) -> tuple[np.ndarray, str]:
-        """The waveform wav2vec2 hears: the separated vocals when asked for and possible (the official behaviour),
-        else the file as it is; and a note saying which."""
-        reason = "turned off" if not separate else separation_unavailable(self.model.vocal_separator_dir)
-        if reason is not None:
-            return waveform, f"not separated ({reason})"
-        vocals = separate_vocals(audio_path, self.model.vocal_separator_dir)
-        if vocals is None:
-            return waveform, "not separated (the separator returned no vocals stem)"
-        try:
-            return load_audio(vocals), f"separated ({SEPARATOR_MODEL})"
-        finally:
-            shutil.rmtree(vocals.parent, ignore_errors=True)
 
     def generate(
         self,

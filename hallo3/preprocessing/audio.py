@@ -126,6 +126,23 @@ def separate_vocals(path: Path, model_dir: Path | None) -> Path | None:
     return output_dir / Path(stems[0]).name
 
 
+def vocals_for_wav2vec(
+    path: Path, waveform: np.ndarray, model_dir: Path | None, enabled: bool = True
+) -> tuple[np.ndarray, str]:
+    """The waveform wav2vec2 should hear: the separated vocals when `enabled` and possible (the official behaviour),
+    else `waveform` (the file as it is); and a note saying which, for the log and the video's metadata."""
+    reason = "turned off" if not enabled else separation_unavailable(model_dir)
+    if reason is not None:
+        return waveform, f"not separated ({reason})"
+    vocals = separate_vocals(path, model_dir)
+    if vocals is None:
+        return waveform, "not separated (the separator returned no vocals stem)"
+    try:
+        return load_audio(vocals), f"separated ({SEPARATOR_MODEL})"
+    finally:
+        shutil.rmtree(vocals.parent, ignore_errors=True)
+
+
 def num_video_frames(num_samples: int, fps: int = 25) -> int:
     """ceil(seconds * fps): the number of output frames, one audio feature each (reference 5.1)."""
     return math.ceil(num_samples / SAMPLE_RATE * fps)

