@@ -30,7 +30,7 @@ from .pipeline_hallo3 import MAX_MOTION_FRAMES
 from .preprocessing.audio import AudioError, load_audio, vocals_for_wav2vec
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
-from .video_io import VideoWriter
+from .resumable import ResumableVideo, ResumeError, fingerprint, run_folder, saved_seed
 
 
 logger = logging.getLogger("hallo3")
@@ -40,7 +40,7 @@ class OutputError(ValueError):
     """The output path breaks a rule (folder missing or not writable, not .mp4)."""
 
 
-INPUT_ERRORS = (ImageError, FaceError, AudioError, OutputError, ModelSourceError, CheckpointError)
+INPUT_ERRORS = (ImageError, FaceError, AudioError, OutputError, ModelSourceError, CheckpointError, ResumeError)
 MAX_INFERENCE_STEPS = 1000  # the sampler selects its steps among the 1000 training timesteps
 
 
@@ -128,7 +128,7 @@ class GenerationResult:
         return self.num_frames / self.fps
 
 
-def check_output_path(path: Path, overwrite: bool = False) -> None:
+def check_output_path(path: Path, overwrite: bool = False, resume: bool = False) -> None:
     if path.suffix.lower() != ".mp4":
         raise OutputError(f"output {path}: must end in .mp4.")
     if not path.parent.is_dir():
@@ -139,6 +139,11 @@ def check_output_path(path: Path, overwrite: bool = False) -> None:
         raise OutputError(f"output {path}: is a folder.")
     if path.exists() and not overwrite:
         raise OutputError(f"output {path}: already exists; choose another name or pass --overwrite.")
+    if (run_folder(path) / "state.json").is_file() and not (resume or overwrite):
+        raise OutputError(
+            f"output {path}: a stopped run's finished clips are saved beside it; pass --resume to continue it, or "
+            f"--overwrite to start again."
+        )
 
 
 def check_device(device: str) -> None:
@@ -234,39 +239,64 @@ class Hallo3Generator:
         settings: GenerationSettings | None = None,
         overwrite: bool = False,
         names: tuple[str, str] | None = None,
+        resume: bool = False,
     ) -> GenerationResult:
-        """Make the mp4 at `output_path`; nothing is written unless it completes. An existing file is kept unless
-        `overwrite`. `names` are how errors name the two input files (default: their paths)."""
+        """Make the mp4 at `output_path`; it appears only when complete. An existing file is kept unless `overwrite`.
+        `names` are how errors name the two input files (default: their paths).
+
+        Every finished clip is kept beside the output (see `hallo3.resumable`): after a crash, an OOM or a signal,
+        `resume=True` continues from the last finished clip and makes exactly the video an unbroken run makes.
+        """
         settings = settings or GenerationSettings()
         settings.validate()
         output_path = Path(output_path)
-        check_output_path(output_path, overwrite)
+        check_output_path(output_path, overwrite, resume)
         inputs = self.prepare(image_path, audio_path, settings.max_audio_seconds, names, settings.separate_vocals)
-        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+        seed = settings.seed
+        if seed is None:  # a resumed run keeps the seed its first part drew
+            seed = saved_seed(output_path) if resume else None
+            seed = seed if seed is not None else secrets.randbelow(2**31)
         started = time.perf_counter()
         inputs_used = " | ".join(f"{name}: {note}" for name, note in inputs.report.items())
         metadata = {
             "comment": f"hallo3 | model: {self.model.label} | seed {seed} | steps "
             f"{settings.num_inference_steps} | guidance {settings.guidance_scale} | {inputs_used}"
         }
-        with VideoWriter(
-            output_path, fps=self.pipeline.fps, audio_path=inputs.audio_path, metadata=metadata
-        ) as writer:
-            output = self.pipeline(
-                image=inputs.image,
-                audio=inputs.waveform,
-                reference_image=inputs.reference_image,
-                face_embeds=inputs.face_embeds,
-                generator=torch.Generator().manual_seed(seed),
-                on_frames=lambda frames: writer.write(inputs.framing.crop_output(frames)),
-                **settings.pipeline_kwargs(),
+        used_settings = {**asdict(settings), "seed": seed}
+        run = ResumableVideo(
+            output_path,
+            fingerprint(Path(image_path), Path(audio_path), used_settings, self.model.label),
+            inputs.audio_path,
+            self.pipeline.fps,
+            metadata,
+            seed,
+        )
+        resume_from = run.start(resume, overwrite)
+        if resume_from is not None:
+            logger.info(
+                "Resuming %s after clip %d (%d frames done).",
+                output_path,
+                resume_from.next_clip,
+                resume_from.frames_done,
             )
+        output = self.pipeline(
+            image=inputs.image,
+            audio=inputs.waveform,
+            reference_image=inputs.reference_image,
+            face_embeds=inputs.face_embeds,
+            generator=torch.Generator().manual_seed(seed),
+            on_frames=lambda frames: run.write_segment(inputs.framing.crop_output(frames)),
+            resume_from=resume_from,
+            on_clip_end=run.save_state,
+            **settings.pipeline_kwargs(),
+        )
+        run.finish()
         return GenerationResult(
             path=output_path,
             num_frames=output.num_frames,  # type: ignore[union-attr]  # return_dict is True
             seconds=time.perf_counter() - started,
             seed=seed,
-            settings={**asdict(settings), "seed": seed},
+            settings=used_settings,
             model=self.model.label,
             fps=self.pipeline.fps,
             inputs=inputs.report,
@@ -313,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="output .mp4")
     parser.add_argument("--input-list", type=Path, help="batch: lines prompt@@image@@audio (paths relative to it)")
     parser.add_argument("--output-dir", type=Path, help="batch: folder for the videos")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (or a stopped run's clips)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished clip")
     parser.add_argument("--steps", type=positive_int, default=defaults.num_inference_steps, help="steps per clip")
     parser.add_argument(
         "--guidance-scale", type=finite_float, default=defaults.guidance_scale, help="joint text+audio guidance"
@@ -388,6 +421,7 @@ def run_batch(
     num_processes: int = 1,
     overwrite: bool = False,
     skip: frozenset[int] = frozenset(),
+    resume: bool = False,
 ) -> int:
     """Run this process's share of the jobs (but those in `skip`); a failed job is reported and the rest go on.
     Returns the number of failures."""
@@ -398,7 +432,7 @@ def run_batch(
         job_settings = GenerationSettings(**{**asdict(settings), "prompt": prompt})
         output = batch_output(output_dir, index, jobs[index])
         try:
-            result = generator.generate(image, audio, output, job_settings, overwrite)
+            result = generator.generate(image, audio, output, job_settings, overwrite, resume=resume)
         except (*INPUT_ERRORS, ValueError) as error:
             failures += 1
             print(f"error: job {index + 1} ({image.name}, {audio.name}): {error}", file=sys.stderr)
@@ -464,12 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     except (*INPUT_ERRORS, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Interrupted as interrupted:
-        print(f"error: stopped by {interrupted.signal_name}; no output was written.", file=sys.stderr)
-        return interrupted.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        reason = f"stopped by {interrupted.signal_name}" if isinstance(interrupted, Interrupted) else "interrupted"
+        print(f"error: {reason}; no video was written{kept_clips_hint(args)}.", file=sys.stderr)
+        return interrupted.exit_code if isinstance(interrupted, Interrupted) else 130
     except Exception as error:  # an internal failure: one line, the traceback on request
         if args.debug:
             raise
@@ -478,6 +510,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def kept_clips_hint(args: argparse.Namespace) -> str:
+    """What a stopped run kept, for its last message."""
+    saved = [p for p in ([args.output] if args.output else []) if (run_folder(p) / "state.json").is_file()]
+    if args.input_list is not None and args.output_dir is not None:
+        saved = [p for p in args.output_dir.glob(".*.mp4.run") if (p / "state.json").is_file()]
+    return " (its finished clips are kept: run the same command with --resume to continue)" if saved else ""
 
 
 def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool) -> int:
@@ -495,12 +535,12 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
         jobs = read_input_list(args.input_list)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         for index, job in enumerate(jobs):
-            check_output_path(batch_output(args.output_dir, index, job), args.overwrite)
+            check_output_path(batch_output(args.output_dir, index, job), args.overwrite, args.resume)
         problems = check_jobs_before_loading(jobs, settings, face_analyzer)
         for problem in problems.values() if state.is_main_process else ():
             print(f"error: {problem}", file=sys.stderr)
     else:
-        check_output_path(args.output, args.overwrite)
+        check_output_path(args.output, args.overwrite, args.resume)
         read_inputs(args.image, args.audio, face_analyzer, settings.max_audio_seconds)
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -522,9 +562,10 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
             state.num_processes,
             args.overwrite,
             skip=frozenset(problems),
+            resume=args.resume,
         )
         return 2 if failures or problems else 0
-    result = generator.generate(args.image, args.audio, args.output, settings, args.overwrite)
+    result = generator.generate(args.image, args.audio, args.output, settings, args.overwrite, resume=args.resume)
     logger.info("Wrote %s with %s", summary(result), loaded.label)
     return 0
 

@@ -184,14 +184,16 @@ def test_a_signal_mid_run_leaves_nothing(tmp_path, signum):
         cwd=tmp_path,
     )
     deadline = time.monotonic() + 300
-    while not list(out_dir.glob(".talk.*.partial.mp4")):  # the writer exists: generation is under way
+    while not (out_dir / ".talk.mp4.run").exists():  # the clips' folder exists: generation is under way
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.05)
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err[-2000:]
-    assert f"stopped by {signal.Signals(signum).name}; no output was written." in err and "Traceback" not in err
-    assert list(out_dir.iterdir()) == []
+    assert f"stopped by {signal.Signals(signum).name}; no video was written" in err and "Traceback" not in err
+    left = [path for path in out_dir.rglob("*") if path.is_file()]
+    assert not [path for path in left if "partial" in path.name or path.name == "talk.mp4"]  # nothing half-written
+    assert all(path.parent.name == ".talk.mp4.run" for path in left)  # only finished clips, kept for --resume
 
 
 # --------------------------------------------------------------------------------------------------------------------
