@@ -104,5 +104,4 @@ def test_a_saved_run_is_not_continued_with_other_settings(tmp_path, speech):
     other[other.index("--seed") + 1] = "6"
     result = subprocess.run(other, capture_output=True, text=True, timeout=900)
     assert result.returncode == 2 and "made from other inputs, settings or model" in result.stderr
-    restarted = subprocess.run([*other[:-1], "--overwrite"], capture_output=True, text=True, timeout=900)
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert (run_folder(output) / "state.json").is_file()  # the saved run is kept for the command that made it
