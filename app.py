@@ -27,6 +27,7 @@ from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings,
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
+from hallo3.pipeline_hallo3 import MAX_MOTION_FRAMES
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -55,6 +56,8 @@ EXAMPLES = [
     ],
 ]
 MAX_VARIANTS = 4
+DEFAULTS = GenerationSettings()  # the one source of the generation defaults (sliders, examples)
+EXAMPLE_SEED = 42
 OUTPUT_TTL_SECONDS = 3600
 # axis label -> (GenerationSettings field, how to read one value, default values)
 ABLATION_AXES: dict[str, tuple[str, Callable[[str], Any], str]] = {
@@ -214,16 +217,16 @@ class Hallo3App:
         return str(result.path), summary
 
     def generate_example(self, image: str, audio: str, prompt: str, progress=gr.Progress(track_tqdm=True)):
-        """An example with the default settings (cached after its first run)."""
+        """An example with the default settings (cached after its first run); a few steps on random weights."""
         return self.generate(
             image,
             audio,
             prompt,
-            3.5,
-            3.5,
-            2,
-            50 if not self.generator.model.is_random else 4,
-            42,
+            DEFAULTS.guidance_scale,
+            DEFAULTS.guidance_scale,  # equal: the official joint guidance
+            DEFAULTS.motion_frames,
+            DEFAULTS.num_inference_steps if not self.generator.model.is_random else 4,
+            EXAMPLE_SEED,
             False,
             self.memory_mode,
         )
@@ -289,19 +292,28 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 )
                 prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
             with gr.Column():
-                guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.5, label="Guidance (CFG) scale", elem_id="cfg")
+                guidance = gr.Slider(
+                    1.0, 10.0, value=DEFAULTS.guidance_scale, step=0.5, label="Guidance (CFG) scale", elem_id="cfg"
+                )
                 audio_guidance = gr.Slider(
                     0.0,
                     10.0,
-                    value=3.5,
+                    value=DEFAULTS.guidance_scale,
                     step=0.5,
                     label="Audio guidance scale",
                     info="equal to CFG: the official joint guidance, no extra pass",
                 )
-                motion_frames = gr.Slider(0, 3, value=2, step=1, label="Motion frames", info="2 as trained")
-                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
+                motion_frames = gr.Slider(
+                    0,
+                    MAX_MOTION_FRAMES,
+                    value=DEFAULTS.motion_frames,
+                    step=1,
+                    label="Motion frames",
+                    info="2 as trained",
+                )
+                steps = gr.Slider(1, 100, value=DEFAULTS.num_inference_steps, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
-                    seed = gr.Number(value=42, precision=0, label="Seed", minimum=0)
+                    seed = gr.Number(value=EXAMPLE_SEED, precision=0, label="Seed", minimum=0)
                     randomize = gr.Checkbox(value=False, label="Random seed")
                 memory_mode = gr.Dropdown(
                     memory_modes, value=memory_modes[0], label="Memory mode", info="the modes this machine supports"
