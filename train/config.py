@@ -1,6 +1,7 @@
 """Training configuration: dataclasses with the official recipe as defaults, one YAML per stage (reference 9)."""
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -46,7 +47,10 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 0.1
     warmup_steps: int = 300
+    warmup_hold_steps: int = 100  # SAT: the first 100 iterations at min(0.05 x lr, ramp)
+    warmup_hold_factor: float = 0.05
     ema_decay: float = 0.9999
+    ema_on_cpu: bool = False  # this rank's EMA share in host memory instead of accelerator memory
 
 
 @dataclass
@@ -81,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    max_bad_samples: int = 100  # unreadable samples are skipped with their reason; more than this stops the run
     validate_every: int = 0  # 0: never
     validation_image: str = "assets/examples/0001.jpg"
     validation_audio: str = "assets/examples/0001.mp3"
@@ -101,7 +106,8 @@ def _build(cls, values: dict):
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in values.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else known[name].default
+        factory = known[name].default_factory
+        default = factory() if factory is not MISSING else known[name].default
         if is_dataclass(default) and isinstance(value, dict):
             value = _build(type(default), value)
         elif isinstance(default, tuple) and isinstance(value, list):
@@ -110,7 +116,7 @@ def _build(cls, values: dict):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML file plus `key.sub=value` overrides (values parsed as YAML)."""
     values = yaml.safe_load(Path(path).read_text()) or {}
     for override in overrides:

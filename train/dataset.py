@@ -1,7 +1,8 @@
 """Prepared clips -> training samples (reference 8.4): 49 consecutive frames, a reference frame, features.
 
 Every random choice of a sample comes from a generator seeded with (seed, epoch, index), so a resumed run draws
-exactly what an uninterrupted one would.
+exactly what an uninterrupted one would. A sample that cannot be read (a truncated file, a missing frame) is replaced
+by the next readable one, and its reason travels with the batch to be logged and counted by the training loop.
 """
 
 import json
@@ -10,10 +11,36 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from hallo3.conditioning import audio_windows
+
+
+# what reading a damaged sample raises: truncated or missing files (PIL, open), bad safetensors, bad shapes
+BAD_SAMPLE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError, SafetensorError)
+
+
+def read_metadata(root: Path) -> list[dict]:
+    items = []
+    for metadata in sorted(root.glob("metadata*.jsonl")):
+        items += [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    return items
+
+
+def has_text_embeddings(root: str | Path) -> bool:
+    """Whether every readable prepared clip carries its caption's T5 embedding (then training needs no T5)."""
+    found = False
+    for item in read_metadata(Path(root)):
+        try:
+            with safe_open(str(Path(root) / "clips" / item["name"] / "features.safetensors"), "pt") as features:
+                if "text_emb" not in features.keys():
+                    return False
+            found = True
+        except BAD_SAMPLE_ERRORS:
+            continue  # a damaged clip is skipped in training, it does not decide this
+    return found
 
 
 def frame_to_tensor(path: Path, width: int, height: int) -> torch.Tensor:
@@ -53,10 +80,7 @@ class Hallo3ClipDataset(Dataset):
         motion_frames: int = 2,
     ):
         self.root = Path(root)
-        self.items = []
-        for metadata in sorted(self.root.glob("metadata*.jsonl")):
-            self.items += [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        self.items = [item for item in self.items if item["num_frames"] >= num_frames + 2 * audio_margin]
+        self.items = [item for item in read_metadata(self.root) if item["num_frames"] >= num_frames + 2 * audio_margin]
         if not self.items:
             raise ValueError(f"{self.root}: no prepared clip with at least {num_frames + 2 * audio_margin} frames.")
         self.width, self.height = width, height
@@ -74,6 +98,21 @@ class Hallo3ClipDataset(Dataset):
         return frame_to_tensor(clip / "frames" / f"{index + 1:05d}.png", self.width, self.height)
 
     def __getitem__(self, index: int) -> dict:
+        """Sample `index`, or the next readable one; `bad_samples` lists the reasons of those passed over."""
+        bad_samples = []
+        for offset in range(len(self.items)):
+            position = (index + offset) % len(self.items)
+            try:
+                sample = self.load(position)
+            except BAD_SAMPLE_ERRORS as error:
+                reason = f"{self.items[position]['name']}: {type(error).__name__}: {error}"
+                bad_samples.append(reason)
+                continue
+            sample["bad_samples"] = bad_samples
+            return sample
+        raise RuntimeError(f"{self.root}: no readable sample; {'; '.join(bad_samples)}")
+
+    def load(self, index: int) -> dict:
         item = self.items[index]
         clip = self.root / "clips" / item["name"]
         rng = np.random.default_rng([self.seed, self.epoch, index])

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -62,6 +63,18 @@ class Decision:
 
 class Dropped(Exception):
     """A filter rejected the video; the message is the reason written to the report."""
+
+
+FaceBox = tuple[float, float, float, float]
+
+
+class FaceDetector(Protocol):
+    """Where the face filters get their answer: `FaceAnalyzer` (insightface or OpenCV), or in tests a scripted
+    stand-in such as `train.synthetic_data.RecordedFaces`."""
+
+    def detect(self, image: Image.Image) -> list[tuple[FaceBox, np.ndarray]]:
+        """Every face of `image` as (box (x0, y0, x1, y1) in pixels, embedding [512])."""
+        ...
 
 
 def extract(video: Path, workdir: Path) -> tuple[Path, Path]:
@@ -103,7 +116,7 @@ def extract(video: Path, workdir: Path) -> tuple[Path, Path]:
     return frames, audio
 
 
-def face_box_union(boxes: list[tuple[float, ...]], size: tuple[int, int]) -> tuple[int, int, int, int]:
+def face_box_union(boxes: list[FaceBox], size: tuple[int, int]) -> tuple[int, int, int, int]:
     x0 = max(0, int(min(b[0] for b in boxes)))
     y0 = max(0, int(min(b[1] for b in boxes)))
     x1 = min(size[0], int(np.ceil(max(b[2] for b in boxes))))
@@ -117,13 +130,18 @@ def laplacian_variance(gray: np.ndarray) -> float:
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
 
 
-def check_frames(frame_paths: list[Path], analyzer: FaceAnalyzer, filters: Filters) -> tuple[dict, np.ndarray]:
-    """Apply the face and motion filters; returns (metrics, the first frame's face embedding + union box)."""
+def check_frames(
+    frame_paths: list[Path], analyzer: FaceDetector, filters: Filters
+) -> tuple[dict, tuple[np.ndarray, list[FaceBox]]]:
+    """Apply the face and motion filters; returns (metrics, (the first sampled face's embedding, every face box))."""
     indices = np.linspace(0, len(frame_paths) - 2, filters.sample_frames).round().astype(int)
-    boxes, sharpness, motion, embedding = [], [], [], None
+    boxes: list[FaceBox] = []
+    sharpness: list[float] = []
+    motion: list[float] = []
+    embedding: np.ndarray | None = None
     for index in indices:
         frame = Image.open(frame_paths[index]).convert("RGB")
-        faces = analyzer._detect(frame)
+        faces = analyzer.detect(frame)
         if len(faces) != 1:
             raise Dropped(f"{len(faces)} faces in frame {index} (exactly one is needed)")
         box, face_embedding = faces[0]
@@ -137,6 +155,7 @@ def check_frames(frame_paths: list[Path], analyzer: FaceAnalyzer, filters: Filte
         following = Image.open(frame_paths[index + 1]).convert("L").crop(tuple(int(v) for v in box))
         motion.append(float(np.abs(np.asarray(following, dtype=np.float32) - crop.astype(np.float32)).mean()))
         boxes.append(box)
+    assert embedding is not None  # sample_frames >= 1 and every sampled frame has one face
     metrics = {"sharpness": round(float(np.median(sharpness)), 2), "motion": round(float(np.mean(motion)), 3)}
     if metrics["sharpness"] < filters.min_sharpness:
         raise Dropped(f"blurry face (Laplacian variance {metrics['sharpness']} < {filters.min_sharpness})")
@@ -168,7 +187,7 @@ def process_video(
     video: Path,
     caption_dir: Path,
     output: Path,
-    analyzer: FaceAnalyzer,
+    analyzer: FaceDetector,
     audio_encoder,
     t5,
     filters: Filters,
@@ -270,7 +289,8 @@ def load_encoders(args):
     return audio_encoder, t5
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, analyzer: FaceDetector | None = None) -> int:
+    """The command line; `analyzer` replaces the face analysis built from `--face-analysis` (tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=Path, required=True)
     parser.add_argument("--captions", type=Path, required=True, help="<video stem>.txt per video")
@@ -310,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(line)["video"]: json.loads(line) for line in report_path.read_text().splitlines() if line
         }
 
-    analyzer = FaceAnalyzer(args.face_analysis, min_face_size=1)
+    if analyzer is None:
+        analyzer = FaceAnalyzer(args.face_analysis, min_face_size=1)
     audio_encoder, t5 = load_encoders(args)
     vae = None
     if args.vae == "tiny-random":

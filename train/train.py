@@ -1,41 +1,57 @@
 """Both Hallo3 training stages in one accelerate loop (reference 6.1, 6.5, 9).
 
-    accelerate launch -m train.train --config train/configs/stage1.yaml [key=value ...]
+    accelerate launch --config_file train/configs/accelerate/<config>.yaml -m train.train \
+        --config train/configs/stage1.yaml [key=value ...]
 
-v-prediction on the zero-terminal-SNR schedule; conditioning dropouts; the clip's first frames as masked, noised
-motion frames; the reference net at t=0; EMA; AdamW; gradient clipping; checkpoints through `save_state` with exact
-resume (every random draw of a step is seeded by the step); periodic validation videos; diffusers folders at the end.
-Scale (DeepSpeed ZeRO-2/3, FSDP, multi-node) comes from the accelerate config, see train/configs/accelerate/.
+v-prediction on the zero-terminal-SNR schedule with timesteps stratified across ranks; conditioning dropouts; the
+clip's first frames as masked, noised motion frames; the reference net at t=0; EMA; AdamW with the official warm-up;
+gradient clipping; checkpoints through `save_state`, marked complete once every rank has written, with exact resume
+(every random draw of a step is seeded by the step); periodic validation videos; diffusers folders at the end.
+
+The denoiser and the reference net are one module (`Hallo3TrainingModel`), so every accelerate backend (DDP,
+DeepSpeed ZeRO-2/3, FSDP2) prepares one model, in one precision. Scale comes from the accelerate config, see
+train/configs/accelerate/.
 """
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.training_utils import EMAModel
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from hallo3.conditioning import motion_frame_mask
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler
 from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
-from .config import TrainConfig, config_to_dict, load_config
-from .dataset import Hallo3ClipDataset
+from .config import OptimConfig, TrainConfig, config_to_dict, load_config
+from .dataset import Hallo3ClipDataset, has_text_embeddings
 
 
 logger = get_logger("train")
+
+COMPLETE_MARKER = "COMPLETE"  # written into a checkpoint folder once every rank has finished writing it
+
+
+class TrainingInputError(ValueError):
+    """The run cannot start or go on because of its inputs (config, launch, data); `main` prints the message as one
+    line and exits with status 2."""
 
 
 class EpochSampler(Sampler):
@@ -56,16 +72,18 @@ class EpochSampler(Sampler):
 
 
 class Progress:
-    """The step counter, saved and restored with the accelerate state."""
+    """The step counter and the count of skipped bad samples, saved and restored with the accelerate state."""
 
     def __init__(self):
         self.step = 0
+        self.bad_samples = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "bad_samples": self.bad_samples}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.bad_samples = state.get("bad_samples", 0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,7 +92,16 @@ class Progress:
 
 def init_new_modules(model: torch.nn.Module, names: set[str], num_layers: int) -> None:
     """SAT's initialisation of modules a checkpoint did not have: N(0, 0.02) projections, N(0, 0.02 / sqrt(2L)) for
-    the output projections, zero biases, LayerNorm 1/0 (reference 9). The audio/face projections keep PyTorch's."""
+    the output projections, zero biases, LayerNorm 1/0 (reference 9). The audio/face projections get PyTorch's
+    default initialisation: `from_pretrained` leaves missing tensors uninitialised memory."""
+    for module_name, module in model.named_modules():
+        owned = {f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
+        if (
+            module_name.startswith(("audio_proj", "face_proj"))
+            and owned & names
+            and hasattr(module, "reset_parameters")
+        ):
+            module.reset_parameters()
     for name, parameter in model.named_parameters():
         if name not in names or name.startswith(("audio_proj.", "face_proj.")):
             continue
@@ -97,63 +124,281 @@ def pretrained_source(source: str) -> tuple[str, str | None]:
     return f"{owner}/{repo}", subfolder
 
 
-def load_models(config: TrainConfig):
-    """(vae, tokenizer, text_encoder, transformer, reference_net) for the stage."""
+@dataclass
+class LoadedModels:
+    vae: Any
+    tokenizer: Any  # None when the captions' T5 embeddings are precomputed
+    text_encoder: Any  # None when the captions' T5 embeddings are precomputed
+    transformer: Hallo3Transformer3DModel
+    reference_net: Hallo3ReferenceNet
+
+
+def load_models(config: TrainConfig, weight_dtype: torch.dtype, load_text_encoder: bool) -> LoadedModels:
+    """The stage's models in `weight_dtype` (the stock weights are bf16 already); T5 only if `load_text_encoder`."""
     add_audio = config.stage == 2
+    transformer_source, reference_source = config.model.transformer, config.model.reference_net
+    tokenizer = text_encoder = None
     if config.model.components == "tiny-random":
         from hallo3.loading import build_tiny_random_pipeline
 
         tiny = build_tiny_random_pipeline(seed=config.seed)
-        vae, tokenizer, text_encoder = tiny.vae, tiny.tokenizer, tiny.text_encoder
-        transformer_source, reference_source = config.model.transformer, config.model.reference_net
+        vae = tiny.vae
+        if load_text_encoder:
+            tokenizer, text_encoder = tiny.tokenizer, tiny.text_encoder
         if transformer_source is None:  # a fresh tiny model, as if loaded from a stock checkpoint
-            transformer = Hallo3Transformer3DModel.from_config(
-                {**tiny.transformer.config, "add_audio_module": add_audio}
-            )
+            # the override goes as a keyword: a config dict lists defaulted keys under `_use_default_values`, and
+            # from_config would reset them, add_audio_module among them
+            transformer = Hallo3Transformer3DModel.from_config(tiny.transformer.config, add_audio_module=add_audio)
             transformer.load_state_dict(tiny.transformer.state_dict(), strict=False)
-            reference_net = tiny.reference_net
-            return vae, tokenizer, text_encoder, transformer, reference_net
+            if weight_dtype != torch.float32:  # as from_pretrained(torch_dtype=...) would load them
+                for module in (vae, text_encoder, transformer, tiny.reference_net):
+                    if module is not None:
+                        module.to(weight_dtype)
+            return LoadedModels(vae, tokenizer, text_encoder, transformer, tiny.reference_net)
     else:
         from diffusers import AutoencoderKLCogVideoX
-        from transformers import AutoTokenizer, T5EncoderModel
 
-        vae = AutoencoderKLCogVideoX.from_pretrained(config.model.components, subfolder="vae")
-        tokenizer = AutoTokenizer.from_pretrained(config.model.components, subfolder="tokenizer")
-        text_encoder = T5EncoderModel.from_pretrained(config.model.components, subfolder="text_encoder")
-        transformer_source, reference_source = config.model.transformer, config.model.reference_net
-        if transformer_source is None or reference_source is None:
-            raise ValueError("model.transformer and model.reference_net are needed (see train/configs/*.yaml).")
+        vae = AutoencoderKLCogVideoX.from_pretrained(
+            config.model.components, subfolder="vae", torch_dtype=weight_dtype
+        )
+        if load_text_encoder:
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model.components, subfolder="tokenizer")
+            text_encoder = T5EncoderModel.from_pretrained(
+                config.model.components, subfolder="text_encoder", torch_dtype=weight_dtype
+            )
+    if transformer_source is None or reference_source is None:
+        raise TrainingInputError("model.transformer and model.reference_net are needed (see train/configs/*.yaml).")
 
     repo, subfolder = pretrained_source(transformer_source)
     transformer, info = Hallo3Transformer3DModel.from_pretrained(
-        repo, subfolder=subfolder, add_audio_module=add_audio, low_cpu_mem_usage=False, output_loading_info=True
+        repo,
+        subfolder=subfolder,
+        add_audio_module=add_audio,
+        low_cpu_mem_usage=False,
+        output_loading_info=True,
+        torch_dtype=weight_dtype,
     )
     init_new_modules(transformer, set(info["missing_keys"]), transformer.config.num_layers)
     if info["missing_keys"]:
         logger.info(f"initialised {len(info['missing_keys'])} new tensors (SAT init)")
     repo, subfolder = pretrained_source(reference_source)
-    reference_net = Hallo3ReferenceNet.from_pretrained(repo, subfolder=subfolder)
-    return vae, tokenizer, text_encoder, transformer, reference_net
+    reference_net = Hallo3ReferenceNet.from_pretrained(repo, subfolder=subfolder, torch_dtype=weight_dtype)
+    return LoadedModels(vae, tokenizer, text_encoder, transformer, reference_net)
 
 
-def set_trainable(model: torch.nn.Module, patterns: list[str]) -> list[torch.nn.Parameter]:
-    compiled = [re.compile(p) for p in patterns]
-    trainable = []
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(p.search(name) for p in compiled))
-        if parameter.requires_grad:
-            trainable.append(parameter)
-    return trainable
+class Hallo3TrainingModel(torch.nn.Module):
+    """The denoiser and the reference net as one module: accelerate, DeepSpeed and FSDP2 each take one model, and the
+    reference net gets the denoiser's precision and sharding."""
+
+    def __init__(self, transformer: Hallo3Transformer3DModel, reference_net: Hallo3ReferenceNet):
+        super().__init__()
+        self.transformer = transformer
+        self.reference_net = reference_net
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        reference_latents: torch.Tensor,
+        face_embeds: torch.Tensor,
+        audio_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor`): noisy latents and image latents on channels, [B, F, 2C, h, w].
+            encoder_hidden_states (`torch.Tensor`): caption embeddings [B, S, D], also the reference net's text.
+            timestep (`torch.Tensor`): [B].
+            reference_latents (`torch.Tensor`): the masked reference latent twice on channels, [B, 1, 2C, h, w],
+                seen by the reference net at t = 0.
+            face_embeds (`torch.Tensor`): [B, 512]. audio_embeds (`torch.Tensor`, *optional*): stage 2 windows.
+
+        Returns:
+            `torch.Tensor`: the v-prediction [B, F, C, h, w].
+        """
+        batch_size = hidden_states.shape[0]
+        bank = self.reference_net(
+            reference_latents,
+            encoder_hidden_states,
+            torch.zeros(batch_size, device=hidden_states.device),
+        )
+        return self.transformer(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            reference_hidden_states=bank,
+            face_embeds=face_embeds,
+            audio_embeds=audio_embeds,
+        ).sample
 
 
-def parameter_groups(models: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+def set_trainable(model: Hallo3TrainingModel, patterns: dict[str, list[str]]) -> list[str]:
+    """requires_grad from the stage's patterns (per network); returns the trained names, in model order."""
+    for network in ("transformer", "reference_net"):
+        compiled = [re.compile(p) for p in patterns.get(network, [])]
+        for name, parameter in getattr(model, network).named_parameters():
+            parameter.requires_grad_(any(p.search(name) for p in compiled))
+    # the reference net stops at the last block's modulated input: the rest of that block never gets a gradient
+    last = f"transformer_blocks.{len(model.reference_net.transformer_blocks) - 1}."
+    for name, parameter in model.reference_net.named_parameters():
+        if name.startswith(last) and not name.startswith(last + "norm1."):
+            parameter.requires_grad_(False)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def set_master_precision(model: torch.nn.Module) -> None:
+    """Trained parameters in fp32 (the master weights the optimizer updates), frozen ones stay in the load dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on biases and norm weights (SAT's rule)."""
-    decay, no_decay = [], []
-    for model in models:
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                (no_decay if name.endswith("bias") or "norm" in name else decay).append(parameter)
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if name.endswith("bias") or "norm" in name else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def official_lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """SAT's AnnealingLR as Hallo3 ran it (reference 9), for optimizer step `step` counted from 1: the first
+    `warmup_hold_steps` at min(hold factor, ramp), a linear ramp to step `warmup_steps`, then the linear decay
+    (max_steps - (step - warmup_steps)) / max_steps."""
+    warmup = optim.warmup_steps
+    if step <= warmup:
+        ramp = step / warmup
+        return min(optim.warmup_hold_factor, ramp) if step <= optim.warmup_hold_steps else ramp
+    return max(0.0, (max_steps - (step - warmup)) / max_steps)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step by the loop itself: accelerate's scheduler wrapper would step it once per
+    process (it assumes a schedule written for one process), running it N times too fast on N processes."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: official_lr_factor(done + 1, config.optim, config.max_steps)
+    )
+
+
+def sample_timesteps(
+    num_train_timesteps: int, batch_size: int, rank: int, world_size: int, generator: torch.Generator, device
+) -> torch.Tensor:
+    """Timesteps stratified across ranks as the official training draws them: rank r draws uniformly from its 1/N
+    slice of the schedule, so every global batch covers all noise levels."""
+    low = rank * num_train_timesteps // world_size
+    high = (rank + 1) * num_train_timesteps // world_size
+    return torch.randint(low, high, (batch_size,), generator=generator, device=device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# EMA
+
+
+def local_tensor(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """The part of `parameter` this rank stores: its shard under FSDP2 (DTensor) or ZeRO-3, else all of it."""
+    if hasattr(parameter, "to_local"):
+        return parameter.to_local()
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor
+    return parameter.data
+
+
+@contextlib.contextmanager
+def full_tensor(parameter: torch.nn.Parameter):
+    """The whole of `parameter` on every rank (a collective when it is sharded)."""
+    if hasattr(parameter, "full_tensor"):
+        yield parameter.full_tensor()
+    elif hasattr(parameter, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            yield parameter.data
+    else:
+        yield parameter.data
+
+
+class ShardedEMA:
+    """EMA of the trained parameters (reference 9: FusedEmaAdam, decay 0.9999) where it costs least.
+
+    Under FSDP2 or ZeRO-3 each rank averages its own shard of every parameter; otherwise (DDP, ZeRO-2) the
+    parameters are split between the ranks, balanced by size, and each rank averages its share. Either way a rank
+    holds 4 bytes x trained parameters / N, on the accelerator, or on the CPU with `ema_on_cpu`. The decay ramps up
+    as diffusers' EMAModel does, min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(
+        self,
+        parameters: dict[str, torch.nn.Parameter],
+        decay: float,
+        rank: int,
+        world_size: int,
+        on_cpu: bool = False,
+    ):
+        self.decay, self.rank, self.world_size = decay, rank, world_size
+        self.sharded = any(hasattr(p, "to_local") or hasattr(p, "ds_tensor") for p in parameters.values())
+        if self.sharded:
+            self.owner = {name: rank for name in parameters}
+        else:  # largest first onto the least loaded rank; every rank computes the same split
+            load = [0] * world_size
+            self.owner = {}
+            for name in sorted(parameters, key=lambda n: (-parameters[n].numel(), n)):
+                self.owner[name] = load.index(min(load))
+                load[self.owner[name]] += parameters[name].numel()
+        device = torch.device("cpu") if on_cpu else None
+        self.shadow = {
+            name: local_tensor(parameter).detach().to(device=device, dtype=torch.float32, copy=True)
+            for name, parameter in parameters.items()
+            if self.owner[name] == rank
+        }
+        self.optimization_step = 0
+
+    def current_decay(self) -> float:
+        step = self.optimization_step - 1
+        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def step(self, parameters: dict[str, torch.nn.Parameter]) -> None:
+        self.optimization_step += 1
+        weight = 1.0 - self.current_decay()
+        for name, shadow in self.shadow.items():
+            shadow.lerp_(local_tensor(parameters[name]).to(shadow.device, torch.float32), weight)
+
+    @torch.no_grad()
+    def copy_to(self, parameters: dict[str, torch.nn.Parameter]) -> None:
+        """Writes the averages into the live parameters on every rank (at the end of training)."""
+        for name, shadow in self.shadow.items():
+            local_tensor(parameters[name]).copy_(shadow)
+        if not self.sharded and self.world_size > 1:
+            for name, parameter in parameters.items():
+                torch.distributed.broadcast(parameter.data, src=self.owner[name])
+
+    def save(self, folder: Path) -> None:
+        tensors = {name: shadow.contiguous() for name, shadow in self.shadow.items()}
+        metadata = {"optimization_step": str(self.optimization_step), "world_size": str(self.world_size)}
+        save_file(tensors, folder / f"ema-rank{self.rank}.safetensors", metadata=metadata)
+
+    def load(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        path = folder / f"ema-rank{self.rank}.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        if int(metadata["world_size"]) != self.world_size:
+            raise TrainingInputError(
+                f"{folder}: written by {metadata['world_size']} processes; resume it with as many (now "
+                f"{self.world_size})."
+            )
+        for name, tensor in load_file(path).items():
+            self.shadow[name].copy_(tensor)
+        self.optimization_step = int(metadata["optimization_step"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -161,23 +406,30 @@ def parameter_groups(models: list[torch.nn.Module], weight_decay: float) -> list
 
 
 class Hallo3Loss:
-    """Builds the conditioning of a batch and returns the v-prediction MSE (reference 6.1, 6.5)."""
+    """Builds the conditioning of a batch and returns the v-prediction MSE (reference 6.1, 6.5).
+
+    Args:
+        input_dtype: the dtype the prepared model's weights compute in (bf16 under DeepSpeed bf16, whose engine does
+            not cast inputs); under autocast and FSDP mixed precision the model casts for itself.
+        rank, world_size: this process's stratum of the timesteps.
+    """
 
     def __init__(
         self,
         config: TrainConfig,
-        vae,
-        tokenizer,
-        text_encoder,
+        models: LoadedModels,
         scheduler: Hallo3DPMScheduler,
-        transformer: Hallo3Transformer3DModel,
+        max_text_length: int,
+        input_dtype: torch.dtype,
+        rank: int,
+        world_size: int,
     ):
         self.config = config
         self.conditioning = config.conditioning
-        self.vae, self.tokenizer, self.text_encoder, self.scheduler = vae, tokenizer, text_encoder, scheduler
-        # read from the bare model: a DDP/DeepSpeed wrapper has no config or dtype
-        self.max_text_length = transformer.config.max_text_seq_length
-        self.dtype = transformer.dtype
+        self.vae, self.tokenizer, self.text_encoder = models.vae, models.tokenizer, models.text_encoder
+        self.scheduler = scheduler
+        self.max_text_length, self.dtype = max_text_length, input_dtype
+        self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -186,18 +438,24 @@ class Hallo3Loss:
         return (posterior.sample(generator=generator) * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float()
 
     @torch.no_grad()
-    def text(self, batch: dict, max_length: int, device) -> torch.Tensor:
+    def text(self, batch: dict, device) -> torch.Tensor:
         if "text_emb" in batch:
             return batch["text_emb"].to(device)
         ids = self.tokenizer(
-            batch["caption"], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            batch["caption"],
+            padding="max_length",
+            max_length=self.max_text_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(device))[0].float()
 
-    def __call__(self, transformer, reference_net, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         c = self.conditioning
         video = batch["video"]
         device, batch_size = video.device, video.shape[0]
+        if video.shape[1] < c.motion_frames:
+            raise RuntimeError(f"the batch has {video.shape[1]} frames, conditioning.motion_frames={c.motion_frames}")
 
         def chance(p: float, shape=()) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device) < p
@@ -218,7 +476,8 @@ class Hallo3Loss:
             + c.motion_noise_log_std * torch.randn(batch_size, 1, 1, 1, 1, generator=generator, device=device)
         )
         motion = motion + sigma * torch.randn(motion.shape, generator=generator, device=device)
-        motion = motion * motion_frame_mask(*video.shape[-2:], c.motion_mask_rate, generator, device)
+        height, width = video.shape[-2:]
+        motion = motion * motion_frame_mask(height, width, c.motion_mask_rate, generator, device)
         image_latents = self.encode(torch.cat([batch["reference"][:, None], motion], dim=1), generator)
         image_latents = F.pad(image_latents, (0, 0, 0, 0, 0, 0, 0, num_latent_frames - image_latents.shape[1]))
         if chance(c.concat_dropout):
@@ -228,35 +487,29 @@ class Hallo3Loss:
         reference_latent = self.encode(batch["masked_reference"][:, None], generator)
         if chance(c.reference_dropout):
             reference_latent = torch.zeros_like(reference_latent)
-        text = self.text(batch, self.max_text_length, device)
+        text = self.text(batch, device)
         text = text * (~chance(c.text_dropout, (batch_size, 1, 1))).float()
-        dtype = self.dtype
-        bank = reference_net(
-            torch.cat([reference_latent, reference_latent], dim=2).to(dtype),
-            text.to(dtype),
-            torch.zeros(batch_size, device=device),
-        )
 
         audio = None
         if self.config.stage == 2:
             audio = batch["audio_emb"] * (~chance(c.audio_dropout, (batch_size, 1, 1, 1, 1))).float()
-            audio = audio.to(dtype)
+            audio = audio.to(self.dtype)
 
         # v-prediction on the 1000-step zero-SNR table
-        timesteps = torch.randint(
-            0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device
+        timesteps = sample_timesteps(
+            self.scheduler.config.num_train_timesteps, batch_size, self.rank, self.world_size, generator, device
         )
         noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = self.scheduler.get_velocity(latents, noise, timesteps)
-        prediction = transformer(
-            torch.cat([noisy, image_latents], dim=2).to(dtype),
-            text.to(dtype),
+        prediction = model(
+            torch.cat([noisy, image_latents], dim=2).to(self.dtype),
+            text.to(self.dtype),
             timesteps.float(),
-            reference_hidden_states=bank,
-            face_embeds=batch["face_emb"].to(dtype),
-            audio_embeds=audio,
-        ).sample
+            torch.cat([reference_latent, reference_latent], dim=2).to(self.dtype),
+            batch["face_emb"].to(self.dtype),
+            audio,
+        )
         return F.mse_loss(prediction.float(), target.float())
 
 
@@ -267,12 +520,15 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
 
 
 def collate(items: list[dict]) -> dict:
-    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "caption"}
+    lists = ("caption", "bad_samples")
+    batch: dict[str, Any] = {key: torch.stack([item[key] for item in items]) for key in items[0] if key not in lists}
     batch["caption"] = [item["caption"] for item in items]
+    batch["bad_samples"] = [reason for item in items for reason in item["bad_samples"]]
     return batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -280,27 +536,247 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
 
 
-def validate(accelerator, config: TrainConfig, models, step: int) -> None:
-    """A video from the current weights through Hallo3Pipeline (main process)."""
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints whose every rank finished writing, oldest first; a save interrupted by a kill has no marker."""
+    return [folder for folder in checkpoint_dirs(output_dir) if (folder / COMPLETE_MARKER).is_file()]
+
+
+def save_checkpoint(
+    accelerator: Accelerator, ema: ShardedEMA, output_dir: Path, step: int, keep_checkpoints: int
+) -> None:
+    """accelerate state + this rank's EMA share, then (all ranks done) the completeness marker, then old ones go."""
+    folder = output_dir / "checkpoints" / f"checkpoint-{step}"
+    if accelerator.is_main_process and folder.exists():  # the remains of an interrupted save of this step
+        shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    ema.save(folder)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
+        complete = complete_checkpoints(output_dir)
+        interrupted = [f for f in checkpoint_dirs(output_dir) if f not in complete]
+        for old in complete[:-keep_checkpoints] + interrupted:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, ema: ShardedEMA, progress: Progress, output_dir: Path) -> None:
+    """Loads the newest complete checkpoint, if any; incomplete ones (a kill during the save) are skipped."""
+    complete = complete_checkpoints(output_dir)
+    for folder in checkpoint_dirs(output_dir):
+        if folder not in complete and (not complete or int(folder.name.split("-")[1]) > progress.step):
+            logger.warning(f"skipping {folder}: no {COMPLETE_MARKER} marker (its save was interrupted)")
+    if not complete:
+        return
+    accelerator.load_state(str(complete[-1]))
+    ema.load(complete[-1])
+    logger.info(f"resumed from {complete[-1]} at step {progress.step}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch checks, setup
+
+
+def check_launch(config: TrainConfig) -> None:
+    """What the accelerate launch asks for must be possible and agree with the training config."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as error:
+            raise TrainingInputError(
+                "the accelerate config uses DeepSpeed, which is not installed: `pip install deepspeed`, or launch "
+                "with train/configs/accelerate/fsdp.yaml or single_gpu.yaml."
+            ) from error
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched is not None and launched != config.mixed_precision:
+        raise TrainingInputError(
+            f"mixed_precision: the accelerate launch says {launched!r}, the training config {config.mixed_precision!r}"
+            f"; make them agree (e.g. add the override mixed_precision={launched})."
+        )
+
+
+def check_fit(accelerator: Accelerator, config: TrainConfig, dataset: Hallo3ClipDataset) -> None:
+    """Checks that need the started accelerator: data for every rank, DeepSpeed's clipping equal to the config's."""
+    needed = accelerator.num_processes * config.batch_size
+    if len(dataset) < needed:
+        raise TrainingInputError(
+            f"data={config.data}: {len(dataset)} prepared clips for {accelerator.num_processes} processes x "
+            f"batch_size {config.batch_size}; every process needs a whole batch, so at least {needed} clips."
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingInputError(
+            f"{launched} processes were launched but accelerate runs them as {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); DeepSpeed without GPUs runs one process: --num_processes 1."
+        )
+    for backend in ("FSDP", "DEEPSPEED"):
+        asked = os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
+        if asked and accelerator.distributed_type != DistributedType[backend]:
+            raise TrainingInputError(
+                f"the accelerate config asks for {backend}, but accelerate runs these processes as "
+                f"{accelerator.distributed_type.value} (it shards only on GPUs; ACCELERATE_USE_CPU=1 or no GPU makes it "
+                f"fall back silently); use train/configs/accelerate/ddp.yaml on CPUs."
+            )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        clipping = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+        if clipping not in (None, "auto") and float(clipping) != config.optim.max_grad_norm:
+            raise TrainingInputError(
+                f"gradient_clipping {clipping} in the DeepSpeed config differs from optim.max_grad_norm="
+                f"{config.optim.max_grad_norm}; DeepSpeed clips by its own value, so make them equal."
+            )
+
+
+def weight_dtype_of(config: TrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+def build_accelerator(config: TrainConfig, trackers: list[str]) -> Accelerator:
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the DataLoader's batch is per process; DeepSpeed wants it stated when it cannot read it off the loader
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        deepspeed_config["train_batch_size"] = (
+            config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        )
+    return accelerator
+
+
+def build_dataset(config: TrainConfig, transformer_config) -> Hallo3ClipDataset:
+    return Hallo3ClipDataset(
+        config.data,
+        width=transformer_config.sample_width * 8,
+        height=transformer_config.sample_height * 8,
+        num_frames=transformer_config.sample_frames,
+        seed=config.seed,
+        motion_frames=config.conditioning.motion_frames,
+    )
+
+
+def build_training_model(config: TrainConfig, models: LoadedModels) -> tuple[Hallo3TrainingModel, list[str]]:
+    model = Hallo3TrainingModel(models.transformer, models.reference_net)
+    trained = set_trainable(model, config.trainable_patterns())
+    set_master_precision(model)
+    if config.gradient_checkpointing:
+        models.transformer.enable_gradient_checkpointing()  # the reference net is not checkpointed (official)
+    logger.info(f"stage {config.stage}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained")
+    return model, trained
+
+
+def shard_for_fsdp2(model: Hallo3TrainingModel, accelerator: Accelerator) -> None:
+    """FSDP2 units: the denoiser, the reference net, and the root. Both networks read their blocks' weights outside the
+    blocks' forward (the reference net each block's `norm1`, the denoiser each block's reference keys/values, before
+    the block loop), which a per-block unit would not have gathered, so accelerate's class-based policy cannot be
+    used. accelerate takes the sharded model as it is."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    options = {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "offload_policy": plugin.cpu_offload,
+    }
+    fully_shard(model.transformer, **options)
+    fully_shard(model.reference_net, **options)
+    fully_shard(model, **options)
+
+
+def trained_parameters(model: torch.nn.Module, accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates, read from the prepared model: FSDP2 replaces every parameter by its
+    sharded version, so a list taken before `prepare` would hold parameters nothing updates."""
+    return {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def weights_fingerprint(parameters: dict[str, torch.nn.Parameter]) -> str:
+    """sha256 over the trained weights (sorted names, fp32 bytes), one tensor at a time: every rank of a run must
+    report the same one."""
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        with full_tensor(parameters[name]) as tensor:
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export(accelerator: Accelerator, model: torch.nn.Module, export_dir: Path) -> None:
+    """The prepared model's weights as the diffusers folders the pipeline loads (gathered onto the main process)."""
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    from accelerate import init_empty_weights
+
+    bare = accelerator.unwrap_model(model)
+    for network in ("transformer", "reference_net"):
+        prefix = f"{network}."
+        part = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+        with init_empty_weights():
+            fresh = type(getattr(bare, network)).from_config(getattr(bare, network).config)
+        fresh.load_state_dict(part, strict=True, assign=True)
+        fresh.save_pretrained(export_dir / network)
+
+
+def write_metrics(output_dir: Path, record: dict) -> None:
+    """One JSON line per logged step in OUTPUT/logs/metrics.jsonl (main process), readable without tensorboard."""
+    path = output_dir / "logs" / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as metrics:
+        metrics.write(json.dumps(record) + "\n")
+
+
+def validation_transformer(transformer: Hallo3Transformer3DModel) -> Hallo3Transformer3DModel:
+    """The pipeline always feeds audio. A stage-1 (identity-only) denoiser gets audio modules with every weight 0,
+    so the residual they add is exactly 0; every other tensor is shared with the trained model, not copied."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    if transformer.config.add_audio_module:
+        return transformer
+    with init_empty_weights():
+        with_audio = Hallo3Transformer3DModel.from_config(transformer.config, add_audio_module=True)
+    with_audio.load_state_dict(transformer.state_dict(), strict=False, assign=True)
+    device, dtype = transformer.device, transformer.dtype
+    for name, parameter in list(with_audio.named_parameters()):
+        if parameter.is_meta:
+            set_module_tensor_to_device(with_audio, name, device, value=torch.zeros(parameter.shape, dtype=dtype))
+    return with_audio.eval()
+
+
+def validate(accelerator: Accelerator, config: TrainConfig, models: LoadedModels, model, step: int) -> None:
+    """A video from the current weights through Hallo3Pipeline (main process; unsharded weights only)."""
     from hallo3.inference import GenerationSettings, Hallo3Generator
     from hallo3.loading import LoadedModel, build_tiny_random_pipeline
     from hallo3.pipeline_hallo3 import Hallo3Pipeline
 
-    vae, tokenizer, text_encoder, transformer, reference_net = models
+    tokenizer, text_encoder = models.tokenizer, models.text_encoder
     if config.model.components == "tiny-random":
         parts = build_tiny_random_pipeline(seed=config.seed)
         feature_extractor, wav2vec = parts.audio_feature_extractor, parts.audio_encoder
+        if text_encoder is None:
+            tokenizer, text_encoder = parts.tokenizer, parts.text_encoder.to(models.vae.dtype)
     else:
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+        from transformers import AutoTokenizer, T5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(config.model.wav2vec)
         wav2vec = Wav2Vec2Model.from_pretrained(config.model.wav2vec)
+        if text_encoder is None:  # loaded for the validation only, and let go after it
+            tokenizer = AutoTokenizer.from_pretrained(config.model.components, subfolder="tokenizer")
+            text_encoder = T5EncoderModel.from_pretrained(
+                config.model.components, subfolder="text_encoder", torch_dtype=models.vae.dtype
+            )
+    bare = accelerator.unwrap_model(model)
     pipeline = Hallo3Pipeline(
         tokenizer,
         text_encoder,
-        vae,
-        accelerator.unwrap_model(transformer),
-        accelerator.unwrap_model(reference_net),
+        models.vae,
+        validation_transformer(bare.transformer),
+        bare.reference_net,
         Hallo3DPMScheduler(),
         feature_extractor,
         wav2vec,
@@ -315,61 +791,47 @@ def validate(accelerator, config: TrainConfig, models, step: int) -> None:
         seed=config.seed,
         max_audio_seconds=None,
     )
-    was_training = transformer.training
-    transformer.eval()
+    was_training = model.training
+    model.eval()
     try:
-        generator.generate(config.validation_image, config.validation_audio, output, settings)
+        with accelerator.autocast():  # bf16 runs keep trained weights in fp32 next to bf16 frozen ones
+            generator.generate(config.validation_image, config.validation_audio, output, settings)
     finally:
-        transformer.train(was_training)
+        model.train(was_training)
     logger.info(f"validation video: {output}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig) -> dict:
     output_dir = Path(config.output_dir)
+    check_launch(config)
     trackers = [t for t in config.report_to if t != "wandb" or importlib.util.find_spec("wandb")]
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = build_accelerator(config, trackers)
     set_seed(config.seed)
-    vae, tokenizer, text_encoder, transformer, reference_net = load_models(config)
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False).eval().to(accelerator.device)
 
-    patterns = config.trainable_patterns()
-    reference_trainable = set_trainable(reference_net, patterns.get("reference_net", []))
-    # the reference net stops at the last block's modulated input: the rest of that block never gets a gradient
-    last = f"transformer_blocks.{len(reference_net.transformer_blocks) - 1}."
-    for name, parameter in reference_net.named_parameters():
-        if name.startswith(last) and not name.startswith(last + "norm1."):
-            parameter.requires_grad_(False)
-    reference_trainable = [p for p in reference_trainable if p.requires_grad]
-    trainable = set_trainable(transformer, patterns["transformer"]) + reference_trainable
-    train_reference = any(p.requires_grad for p in reference_net.parameters())
-    logger.info(f"stage {config.stage}: {sum(p.numel() for p in trainable):,} trainable parameters")
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    # 1. Models (T5 only when the data has no caption embeddings) and the data
+    load_text_encoder = not has_text_embeddings(config.data)
+    models = load_models(config, weight_dtype_of(config), load_text_encoder)
+    logger.info(f"T5 {'loaded' if load_text_encoder else 'not loaded: the captions are precomputed'}")
+    for frozen in (models.vae, models.text_encoder):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval().to(accelerator.device)
+    dataset = build_dataset(config, models.transformer.config)
+    check_fit(accelerator, config, dataset)
 
-    ema = EMAModel(trainable, decay=config.optim.ema_decay)
+    # 2. One module, its trained parameters in fp32, the optimizer and the schedule
+    model, trained_names = build_training_model(config, models)
+    if accelerator.is_fsdp2:
+        shard_for_fsdp2(model, accelerator)
     optimizer = torch.optim.AdamW(
-        parameter_groups([transformer, reference_net], config.optim.weight_decay),
+        parameter_groups(model, config.optim.weight_decay),
         lr=config.optim.learning_rate,
-        betas=tuple(config.optim.betas),
+        betas=(config.optim.betas[0], config.optim.betas[1]),
         eps=config.optim.eps,
     )
-    warmup = max(config.optim.warmup_steps, 1)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - max(0, s - warmup) / max(config.max_steps, 1))
-    )
-    dataset = Hallo3ClipDataset(
-        config.data,
-        width=transformer.config.sample_width * 8,
-        height=transformer.config.sample_height * 8,
-        num_frames=transformer.config.sample_frames,
-        seed=config.seed,
-    )
+    lr_scheduler = build_lr_scheduler(optimizer, config)
     sampler = EpochSampler(len(dataset), config.seed)
     dataloader = DataLoader(
         dataset,
@@ -379,99 +841,143 @@ def train(config: TrainConfig) -> dict:
         num_workers=config.num_workers,
         drop_last=True,
     )
-
-    if train_reference:
-        transformer, reference_net, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            transformer, reference_net, optimizer, dataloader, lr_scheduler
-        )
-    else:
-        reference_net.requires_grad_(False).eval().to(accelerator.device)
-        transformer, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            transformer, optimizer, dataloader, lr_scheduler
-        )
-    ema.to(accelerator.device)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    parameters = trained_parameters(model, accelerator)
+    assert sorted(parameters) == sorted(trained_names), "prepare changed which parameters train"
+    ema = ShardedEMA(
+        parameters,
+        config.optim.ema_decay,
+        accelerator.process_index,
+        accelerator.num_processes,
+        on_cpu=config.optim.ema_on_cpu,
+    )
+    logger.info(
+        f"{accelerator.distributed_type.value}, {accelerator.num_processes} processes; EMA "
+        f"{'sharded with the parameters' if ema.sharded else 'split by parameter'}: "
+        f"{sum(t.numel() for t in ema.shadow.values()):,} fp32 values on this rank"
+    )
     progress = Progress()
-    accelerator.register_for_checkpointing(ema, progress)
+    accelerator.register_for_checkpointing(lr_scheduler, progress)
 
-    checkpoints = checkpoint_dirs(output_dir)
-    if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        logger.info(f"resumed from {checkpoints[-1]} at step {progress.step}")
+    # 3. Resume, then the loop
+    resume(accelerator, ema, progress, output_dir)
     if trackers:
         accelerator.init_trackers("hallo3", config={k: str(v) for k, v in config_to_dict(config).items()})
-
+    bare = accelerator.unwrap_model(model)
     loss_fn = Hallo3Loss(
-        config, vae, tokenizer, text_encoder, Hallo3DPMScheduler(), accelerator.unwrap_model(transformer)
+        config,
+        models,
+        Hallo3DPMScheduler(),
+        bare.transformer.config.max_text_seq_length,
+        bare.transformer.patch_embed.proj.weight.dtype,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
-    losses = {}
+    losses = run_steps(accelerator, config, model, optimizer, lr_scheduler, dataloader, loss_fn, ema, progress, models)
+
+    # 4. Fingerprint of the trained weights, then the EMA weights exported as diffusers folders
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"losses": losses, "text_encoder_loaded": load_text_encoder}
+    digest = weights_fingerprint(parameters)
+    result["weights_sha256"] = digest
+    print(json.dumps({"rank": accelerator.process_index, "weights_sha256": digest}), flush=True)
+    ema.copy_to(parameters)
+    export(accelerator, model, output_dir / "final")
+    if accelerator.is_main_process:
+        result["export"] = str(output_dir / "final")
+    accelerator.end_training()
+    return result
+
+
+def run_steps(
+    accelerator: Accelerator,
+    config: TrainConfig,
+    model,
+    optimizer,
+    lr_scheduler,
+    dataloader,
+    loss_fn: Hallo3Loss,
+    ema: ShardedEMA,
+    progress: Progress,
+    models: LoadedModels,
+) -> dict[int, float]:
+    """Optimizer steps until max_steps (or stop_at_step): loss, clip, step, schedule, EMA, log, checkpoint."""
+    output_dir = Path(config.output_dir)
+    parameters = trained_parameters(model, accelerator)
+    sharded = ema.sharded
+    if config.validate_every and sharded:
+        logger.warning("validation videos are skipped: they need unsharded weights (use the final export)")
+    losses: dict[int, float] = {}
     steps_per_epoch = len(dataloader)
-    transformer.train()
-    while progress.step < config.max_steps:
+    last_step = min(config.max_steps, config.stop_at_step or config.max_steps)
+    model.train()
+    while progress.step < last_step:
         epoch, done_in_epoch = divmod(progress.step, steps_per_epoch)
         batches = accelerator.skip_first_batches(dataloader, done_in_epoch) if done_in_epoch else dataloader
         # accelerate's loader passes its own epoch counter to the sampler and the dataset when iterated; it starts
         # at 0 in a resumed run, so set the real epoch on the loader itself
         batches.set_epoch(epoch)
         for batch in batches:
+            for reason in batch["bad_samples"]:
+                logger.warning(f"skipped a bad sample: {reason}", main_process_only=False)
             generator = step_generator(config.seed, progress.step, accelerator.process_index, accelerator.device)
-            with accelerator.accumulate(transformer):
-                loss = loss_fn(transformer, reference_net, batch, generator)
+            grad_norm = None
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch, generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)
+                    # all of the prepared model's parameters: frozen ones have no gradient, and accelerate's FSDP2
+                    # path recognises the model's own list
+                    grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), config.optim.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            ema.step(trainable)
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
+            lr_scheduler.step()
+            ema.step(parameters)
             progress.step += 1
-            step_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            gathered = accelerator.gather(torch.tensor([[loss.item(), len(batch["bad_samples"])]], device=loss.device))
+            step_loss = gathered[:, 0].mean().item()
+            progress.bad_samples += int(gathered[:, 1].sum().item())
             losses[progress.step] = step_loss
             if not math.isfinite(step_loss):
                 raise RuntimeError(f"loss is {step_loss} at step {progress.step}; stopping.")
-            if progress.step % config.log_every == 0 or progress.step == 1:
-                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)
-                logger.info(f"step {progress.step}: loss {step_loss:.5f}")
-            if progress.step % config.checkpoint_every == 0 or progress.step in (
-                config.max_steps,
-                config.stop_at_step,
-            ):
-                accelerator.save_state(str(output_dir / "checkpoints" / f"checkpoint-{progress.step}"))
-                if accelerator.is_main_process:
-                    for old in checkpoint_dirs(output_dir)[: -config.keep_checkpoints]:
-                        shutil.rmtree(old)
-            if config.validate_every and progress.step % config.validate_every == 0 and accelerator.is_main_process:
-                validate(
-                    accelerator, config, (vae, tokenizer, text_encoder, transformer, reference_net), progress.step
+            if progress.bad_samples > config.max_bad_samples:
+                raise TrainingInputError(
+                    f"data={config.data}: {progress.bad_samples} bad samples skipped, more than max_bad_samples="
+                    f"{config.max_bad_samples}; the warnings above give each one's reason."
                 )
-            if progress.step >= min(config.max_steps, config.stop_at_step or config.max_steps):
+            if progress.step % config.log_every == 0 or progress.step == 1:
+                record = {
+                    "step": progress.step,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "bad_samples": progress.bad_samples,
+                }
+                if torch.cuda.is_available():
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress.step)
+                if accelerator.is_main_process:
+                    write_metrics(output_dir, record)
+                logger.info(f"step {progress.step}: loss {step_loss:.5f} lr {lr:.3g}")
+            if progress.step % config.checkpoint_every == 0 or progress.step == last_step:
+                save_checkpoint(accelerator, ema, output_dir, progress.step, config.keep_checkpoints)
+            if (
+                config.validate_every
+                and not sharded
+                and progress.step % config.validate_every == 0
+                and accelerator.is_main_process
+            ):
+                validate(accelerator, config, models, model, progress.step)
+            if progress.step >= last_step:
                 break
-        if config.stop_at_step and progress.step >= config.stop_at_step:
-            break
-
-    # export the EMA weights as the diffusers folders the pipeline loads
-    accelerator.wait_for_everyone()
-    result = {"losses": losses}
-    ema.store(trainable)
-    ema.copy_to(trainable)
-    if accelerator.is_main_process:
-        export = output_dir / "final"
-        accelerator.unwrap_model(transformer).save_pretrained(export / "transformer")
-        accelerator.unwrap_model(reference_net).save_pretrained(export / "reference_net")
-        result["export"] = str(export)
-    ema.restore(trainable)
-    # a fingerprint of the trained weights: every rank must print the same one
-    state = accelerator.unwrap_model(transformer).state_dict()
-    digest = hashlib.sha256(b"".join(state[k].float().cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
-    result["transformer_sha256"] = digest
-    print(json.dumps({"rank": accelerator.process_index, "transformer_sha256": digest}), flush=True)
-    accelerator.end_training()
-    return result
+    return losses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values), e.g. max_steps=10")
     args = parser.parse_args(argv)
@@ -481,7 +987,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    train(config)
+    try:
+        train(config)
+    except TrainingInputError as error:  # anything else is a failure inside the run: its traceback is the report
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
