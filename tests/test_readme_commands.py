@@ -71,13 +71,18 @@ def command_like(prefix: str) -> list[str]:
 
 
 def run_verbatim(command: str, cwd: Path, timeout: int = 600, env: dict | None = None):
-    """`python ...` runs with this environment's interpreter; everything else as written."""
+    """`python ...` and `accelerate ...` run from this environment; leading `NAME=value` words set the environment,
+    as the shell does; everything else as written."""
     words = shlex.split(command)
+    env = {**os.environ, **(env or {})}
+    while "=" in words[0] and words[0].split("=")[0].isidentifier():
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
     if words[0] == "python":
         words[0] = sys.executable
-    return subprocess.run(
-        words, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    elif words[0] == "accelerate":
+        words[0] = str(Path(sys.executable).parent / "accelerate")
+    return subprocess.run(words, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -100,6 +105,7 @@ RUN_HERE = (
     "python -m train.synthetic_data",
     "python -m train.prepare_dataset --videos runs/tiny-raw/videos",
     "python -m train.train --config train/configs/tiny.yaml",
+    "ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/ddp.yaml",
 )
 
 
@@ -178,6 +184,7 @@ def test_training_smoke_commands_run_verbatim(checkout):
         *command_like("python -m train.synthetic_data"),
         *command_like("python -m train.prepare_dataset --videos runs/tiny-raw/videos"),
         *command_like("python -m train.train --config train/configs/tiny.yaml"),
+        *command_like("ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/ddp.yaml"),
     ]
     for command in commands:
         result = run_verbatim(command, checkout)

@@ -569,6 +569,13 @@ def resume(accelerator: Accelerator, ema: ShardedEMA, progress: Progress, output
             logger.warning(f"skipping {folder}: no {COMPLETE_MARKER} marker (its save was interrupted)")
     if not complete:
         return
+    # every rank reads the marker, so every rank stops with the same message (not one rank with a missing file)
+    written_by = json.loads((complete[-1] / COMPLETE_MARKER).read_text()).get("world_size")
+    if written_by is not None and written_by != accelerator.num_processes:
+        raise TrainingInputError(
+            f"{complete[-1]}: written by {written_by} processes; resume it with as many (now "
+            f"{accelerator.num_processes}), or give this run another output_dir."
+        )
     accelerator.load_state(str(complete[-1]))
     ema.load(complete[-1])
     logger.info(f"resumed from {complete[-1]} at step {progress.step}")
