@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hallo3.memory import available_memory_modes  # noqa: E402
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler  # noqa: E402
-from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel, register_cache_hooks  # noqa: E402
+from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel  # noqa: E402
 
 
 class PeakMemory:
@@ -205,7 +205,6 @@ def main() -> None:
         if extra in ("first-block", "taylorseer"):
             from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-            register_cache_hooks()
             transformer.enable_cache(
                 FirstBlockCacheConfig(threshold=0.1) if extra == "first-block" else TaylorSeerCacheConfig()
             )

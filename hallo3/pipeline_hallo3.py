@@ -260,8 +260,9 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
 
         configs = {
             "first-block": lambda: FirstBlockCacheConfig(threshold=threshold),
-            # factors in the model's dtype: diffusers' bf16 default would round an fp32 model's forecasts
-            "taylorseer": lambda: TaylorSeerCacheConfig(taylor_factors_dtype=self.transformer.dtype),
+            # a full step every other step, factors in the model's dtype (diffusers' defaults, every 5th step and bf16
+            # factors, were 7x further from the uncached video in docs/performance.md)
+            "taylorseer": lambda: TaylorSeerCacheConfig(cache_interval=2, taylor_factors_dtype=self.transformer.dtype),
             "faster": lambda: FasterCacheConfig(
                 current_timestep_callback=lambda: self.current_timestep,
                 attention_weight_callback=lambda _: 0.5,

@@ -66,12 +66,12 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
             self.alphas_cumprod, np.arange(num_train_timesteps)
         )
         self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = None
-        self.alphas_cumprod_sqrt = None
-        self._step_index = None
-        self._previous_denoised = None
-        self._previous_h = None
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.alphas_cumprod_sqrt: torch.Tensor | None = None
+        self._step_index: int | None = None
+        self._previous_denoised: torch.Tensor | None = None
+        self._previous_h: float | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Select `num_inference_steps` timesteps, high noise first, and their rescaled alphas (plus a final 1)."""
@@ -95,6 +95,8 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
 
     def denoiser_alpha(self, step_index: int) -> float:
         """The 1000-table alpha nearest to the schedule's alpha at `step_index` (official `possibly_quantize_sigma`)."""
+        if self.alphas_cumprod_sqrt is None:
+            raise ValueError("Call `set_timesteps` before sampling.")
         table = self.train_alphas_cumprod_sqrt
         nearest = torch.argmin((table - self.alphas_cumprod_sqrt[step_index]).abs())
         return table[nearest].item()
@@ -103,7 +105,10 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         self, model_output: torch.Tensor, sample: torch.Tensor, step_index: int | None = None
     ) -> torch.Tensor:
         """x0 = c_skip * x_t + c_out * v with c_skip = a, c_out = -sqrt(1 - a^2), a snapped to the training table."""
-        alpha = self.denoiser_alpha(self._step_index if step_index is None else step_index)
+        step_index = self._step_index if step_index is None else step_index
+        if step_index is None:
+            raise ValueError("Call `set_timesteps` before sampling.")
+        alpha = self.denoiser_alpha(step_index)
         return sample * alpha + model_output.to(sample.dtype) * -math.sqrt(1 - alpha**2)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
@@ -134,7 +139,7 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> Hallo3SchedulerOutput | tuple:
         """One DPM-Solver++(2M) SDE step from the (guided) v-prediction; the last step returns x0."""
-        if self._step_index is None:
+        if self._step_index is None or self.alphas_cumprod_sqrt is None or self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
         i = self._step_index
         denoised = self.predict_original_sample(model_output, sample, i)
@@ -151,7 +156,7 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
             # The official sampler always computes the first-order update first, so its noise is drawn (and, after
             # the first step, thrown away) before the second-order update draws its own.
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            if self._previous_denoised is None:
+            if self._previous_denoised is None or self._previous_h is None:
                 prev_sample = mult1 * sample - mult2 * denoised + noise_scale * noise
             else:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)

@@ -9,13 +9,18 @@ Section numbers refer to the Hallo3 reference (`docs` of the project): 3.x the d
 5.x the audio and face conditioning, 12.x the quirks of the official code that are reproduced here.
 """
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks import TaylorSeerCacheConfig
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
@@ -28,7 +33,7 @@ from diffusers.models.embeddings import (
 )
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, apply_lora_scale, logging
 from torch import nn
 
 
@@ -136,7 +141,7 @@ class Hallo3AttnProcessor:
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, S, H, Dh]
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
+        if attn.norm_q is not None and attn.norm_k is not None:
             query = attn.norm_q(query)
             key = attn.norm_k(key)
 
@@ -215,6 +220,9 @@ class Hallo3Attention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = Hallo3AttnProcessor
     _available_processors = [Hallo3AttnProcessor, Hallo3CrossAttnProcessor]
+    # set by `AttentionModuleMixin`; declared for type checkers, which see `nn.Module.__getattr__` otherwise
+    processor: Any
+    set_processor: Callable[..., None]
 
     def __init__(
         self,
@@ -241,6 +249,8 @@ class Hallo3Attention(nn.Module, AttentionModuleMixin):
 
     def reference_key_value(self, reference_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the reference tokens: this block's projections and key norm, no RoPE (reference 3.3)."""
+        if self.norm_k is None:
+            raise ValueError("Reference keys go through the self-attention's key norm; this attention has none.")
         key = self.norm_k(self.to_k(reference_hidden_states).unflatten(-1, (self.heads, -1)))
         value = self.to_v(reference_hidden_states).unflatten(-1, (self.heads, -1))
         return key, value
@@ -452,10 +462,12 @@ class Hallo3Block(nn.Module):
 
         # 2. Face and audio cross-attention, ungated
         if face_tokens is not None:
+            assert self.attn_face is not None and self.norm_face is not None, "face tokens need face modules"
             hidden_states = hidden_states + self.per_frame_cross_attention(
                 self.attn_face, self.norm_face, hidden_states, face_tokens, image_rotary_emb
             )
         if audio_tokens is not None:
+            assert self.attn_audio is not None and self.norm_audio is not None, "audio tokens need audio modules"
             hidden_states = hidden_states + self.per_frame_cross_attention(
                 self.attn_audio, self.norm_audio, hidden_states, audio_tokens, image_rotary_emb
             )
@@ -470,7 +482,16 @@ class Hallo3Block(nn.Module):
         return hidden_states, encoder_hidden_states
 
 
-class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
+# diffusers' block-level caches (FirstBlockCache, MagCache, SeaCache) and layer skipping look blocks up in this registry
+# to find where the two streams are returned; registering here, with the class, makes them work on any instance
+# (`transformer.enable_cache(FirstBlockCacheConfig(...))`) without a setup call. The registry is private API.
+TransformerBlockRegistry.register(
+    model_class=Hallo3Block,
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+)
+
+
+class Hallo3TransformerBase(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """What the denoiser and the reference network share: embeddings, blocks and output layers.
 
     Subclasses register their own config; this `__init__` only builds modules.
@@ -480,6 +501,14 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
     _no_split_modules = ["Hallo3Block", "Hallo3PatchEmbed"]
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
     _repeated_blocks = ["Hallo3Block"]
+    # TaylorSeer forecasts these modules' outputs between full steps. diffusers' default patterns (`^transformer_blocks
+    # .*attn`, matched whole) name no CogVideoX module, since ours end in `attn1`, `attn_face`, `ff`.
+    _taylorseer_cache_identifiers = [
+        r"transformer_blocks\.\d+\.attn1",
+        r"transformer_blocks\.\d+\.attn_face",
+        r"transformer_blocks\.\d+\.attn_audio",
+        r"transformer_blocks\.\d+\.ff",
+    ]
 
     def __init__(self):
         super().__init__()
@@ -581,6 +610,18 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, CacheMixin):
         )
         return tokens[:, text_seq_length:], tokens[:, :text_seq_length], temb, image_rotary_emb
 
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache`; a `TaylorSeerCacheConfig` without module patterns gets this model's
+        attention and feed-forward modules (`_taylorseer_cache_identifiers`) instead of patterns that match nothing."""
+        if (
+            isinstance(config, TaylorSeerCacheConfig)
+            and not config.use_lite_mode
+            and config.cache_identifiers is None
+            and config.skip_predict_identifiers is None
+        ):
+            config = dataclasses.replace(config, cache_identifiers=list(self._taylorseer_cache_identifiers))
+        super().enable_cache(config)
+
     def run_block(self, block: Hallo3Block, *args) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *args)
@@ -662,7 +703,9 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
                 num_compressions,
             )
 
-    def reference_key_values(self, reference_hidden_states: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    def reference_key_values(
+        self, reference_hidden_states: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer reference keys/values from the reference bank. They depend on nothing that changes between
         denoising steps or clips, so a caller may compute them once per video and pass `reference_key_values`."""
         if len(reference_hidden_states) != len(self.transformer_blocks):
@@ -675,6 +718,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
             for block, bank in zip(self.transformer_blocks, reference_hidden_states)
         ]
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -705,6 +749,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
                 steps skips that work.
             return_conditioning (`bool`): also return those three as computed here (see `Hallo3TransformerOutput`).
                 Getting them through `forward` keeps diffusers' offload hooks in charge of where weights are.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters for this call.
 
         Returns:
             The v-prediction [B, F, out_channels, H, W].
@@ -809,8 +854,13 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
     ):
         super().__init__()
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor | float = 0.0
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float = 0.0,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> list[torch.Tensor]:
         """
         Args:
@@ -818,6 +868,7 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
                 with itself on channels.
             encoder_hidden_states (`torch.Tensor`): [B, S, text_embed_dim]; zeros at inference (reference 12.9).
             timestep: 0 at inference and in training.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters for this call.
 
         Returns:
             `list[torch.Tensor]`: the bank, one [B, F*h*w, D] tensor per layer.
@@ -835,13 +886,3 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
                 block, hidden_states, encoder_hidden_states, temb, image_rotary_emb
             )
         return bank
-
-
-def register_cache_hooks() -> None:
-    """Tell diffusers' block-level caches (FirstBlockCache, MagCache, ...) where our block returns its streams."""
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
-
-    TransformerBlockRegistry.register(
-        model_class=Hallo3Block,
-        metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
-    )

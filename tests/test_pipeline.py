@@ -46,8 +46,9 @@ class CallRecorder:
 
 def test_frames_cover_the_audio_exactly(tiny_pipeline):
     out = run(tiny_pipeline, seconds=2.3)
-    assert out.num_frames == 58 == out.frames.shape[0]  # ceil(2.3 * 25)
-    assert out.frames.shape[1:] == (64, 96, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
+    # batched like diffusers' video pipelines: frames[0] is the video
+    assert out.frames.shape[0] == 1 and out.num_frames == 58 == len(out.frames[0])  # ceil(2.3 * 25)
+    assert out.frames.shape[2:] == (64, 96, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
 
 
 def test_equal_audio_guidance_is_the_two_branch_path_with_no_extra_pass(tiny_pipeline):
@@ -118,7 +119,7 @@ def test_streaming_frames_equal_returned_frames(tiny_pipeline):
     assert out.frames is None and [len(c) for c in chunks] == [47, 11]
     streamed = np.concatenate(chunks)
     assert streamed.dtype == np.uint8
-    assert np.array_equal(streamed, (expected * 255).astype(np.uint8))
+    assert np.array_equal(streamed, (expected[0] * 255).astype(np.uint8))
 
 
 def test_reference_net_runs_once_per_video(tiny_pipeline):
@@ -137,7 +138,7 @@ def test_reference_net_runs_once_per_video(tiny_pipeline):
         ({"motion_frames": 4}, "motion_frames` must be 0..3"),
         ({"num_inference_steps": 0}, "at least 1"),
         ({"guidance_scale": 0.5}, "guidance_scale` must be >= 1"),
-        ({"output_type": "latent"}, "output_type"),
+        ({"output_type": "mp4"}, "output_type"),
     ],
 )
 def test_bad_arguments_name_the_rule(tiny_pipeline, kwargs, message):
@@ -148,7 +149,7 @@ def test_bad_arguments_name_the_rule(tiny_pipeline, kwargs, message):
 @pytest.mark.parametrize("motion_frames", [0, 1, 3])
 def test_other_motion_frame_counts_keep_one_conditioning_latent(tiny_pipeline, motion_frames):
     out = run(tiny_pipeline, seconds=2.3, num_inference_steps=1, motion_frames=motion_frames)
-    assert out.frames.shape[0] == 58
+    assert out.frames.shape[:2] == (1, 58)
 
 
 def test_callback_can_replace_latents(tiny_pipeline):
