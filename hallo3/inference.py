@@ -387,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
     parser.add_argument(
         "--step-cache",
-        choices=("first-block", "taylorseer", "faster"),
+        choices=("first-block", "taylorseer", "faster", "pyramid-attention-broadcast"),
         default=None,
         help="approximate step caching (faster, not identical; see docs/performance.md)",
     )
+    parser.add_argument("--lora", type=Path, default=None, help="a LoRA in diffusers' format, fused into the model")
+    parser.add_argument("--lora-scale", type=finite_float, default=1.0, help="strength of --lora")
     parser.add_argument("--step-cache-threshold", type=float, default=0.1, help="first-block cache threshold")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return parser
@@ -512,6 +514,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def apply_lora(pipeline, path: Path, scale: float) -> None:
+    """Fuse the LoRA at `path` (a folder or file written by `save_lora_weights`, or a training run's export) into the
+    model at `scale`: no adapter layers stay behind to slow the steps."""
+    if not path.exists():
+        raise OutputError(f"--lora {path}: no such file or folder.")
+    try:
+        pipeline.load_lora_weights(str(path), adapter_name="lora")
+    except (OSError, ValueError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OutputError(f"--lora {path}: not a LoRA this model can load ({reason}).") from None
+    pipeline.fuse_lora(lora_scale=scale)
+    pipeline.unload_lora_weights()
+
+
 def kept_clips_hint(args: argparse.Namespace) -> str:
     """What a stopped run kept, for its last message."""
     saved = [p for p in ([args.output] if args.output else []) if (run_folder(p) / "state.json").is_file()]
@@ -548,6 +564,8 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
     generator = Hallo3Generator(loaded, device, args.memory_mode)
     if args.attention_backend:
         loaded.pipeline.set_attention_backend(args.attention_backend)
+    if args.lora is not None:
+        apply_lora(loaded.pipeline, args.lora, args.lora_scale)
     if args.step_cache:
         loaded.pipeline.enable_step_cache(args.step_cache, args.step_cache_threshold)
     if args.compile:

@@ -112,3 +112,33 @@ def test_load_lora_weights_refuses_keys_of_no_component():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="transformer.` or `reference_net."):
         pipe.load_lora_weights({"unet.down.lora_A.weight": torch.zeros(4, 4)})
+
+
+def test_the_cli_fuses_a_lora_from_a_folder(trained, tmp_path, capsys):
+    """`--lora DIR` changes the video; a path that is no LoRA is one line and exit 2."""
+    import subprocess
+
+    import soundfile
+
+    from hallo3.inference import main
+    from hallo3.preprocessing.audio import ffmpeg_exe
+
+    from .conftest import ASSETS
+
+    folder, _, _ = trained
+    t = np.arange(16000) / 16000
+    soundfile.write(tmp_path / "speech.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    common = ["--model", "tiny-random", "--image", str(ASSETS / "0001.jpg"), "--audio", str(tmp_path / "speech.wav")]
+    common += ["--steps", "2", "--seed", "3"]
+
+    def frames(video):
+        command = [ffmpeg_exe(), "-v", "error", "-i", str(video), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+        return np.frombuffer(subprocess.run(command, capture_output=True, check=True).stdout, dtype=np.uint8)
+
+    assert main([*common, "--output", str(tmp_path / "base.mp4")]) == 0
+    assert main([*common, "--output", str(tmp_path / "lora.mp4"), "--lora", str(folder)]) == 0
+    assert not np.array_equal(frames(tmp_path / "base.mp4"), frames(tmp_path / "lora.mp4"))
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "bad.mp4"), "--lora", str(tmp_path / "speech.wav")]) == 2
+    err = capsys.readouterr().err
+    assert "--lora" in err and "Traceback" not in err and not (tmp_path / "bad.mp4").exists()

@@ -88,7 +88,7 @@ def run_verbatim(command: str, cwd: Path, timeout: int = 600, env: dict | None =
 @pytest.fixture
 def checkout(tmp_path) -> Path:
     """A scratch folder with the checkout's read-only parts linked in: outputs land here, not in the repository."""
-    for name in ("assets", "train", "tests", "app.py"):
+    for name in ("assets", "train", "tests", "benchmarks", "app.py"):
         (tmp_path / name).symlink_to(REPO / name)
     return tmp_path
 
@@ -106,6 +106,7 @@ RUN_HERE = (
     "python -m train.prepare_dataset --videos runs/tiny-raw/videos",
     "python -m train.train --config train/configs/tiny.yaml",
     "ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/ddp.yaml",
+    "python benchmarks/gpu_check.py --smoke",
 )
 
 
@@ -191,6 +192,16 @@ def test_training_smoke_commands_run_verbatim(checkout):
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     exported = list((checkout / "runs").rglob("final/transformer/config.json"))
     assert exported, "the smoke run exported no transformer"
+
+
+def test_gpu_check_smoke_runs_verbatim_on_the_cpu(checkout):
+    import json
+
+    (command,) = command_like("python benchmarks/gpu_check.py --smoke")
+    result = run_verbatim(command, checkout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((checkout / shlex.split(command)[-1]).read_text())
+    assert table  # one row per check, each measured or saying why it could not run
 
 
 def test_save_pipeline_assembles_the_converted_fixture_with_stock_parts(tmp_path):
