@@ -1,4 +1,4 @@
-"""Pure tensor functions for audio windows and the clip loop (reference 5.1 step 5, 7.2, 12.15, 12.16).
+"""Pure tensor functions for audio windows and the clip loop (architecture 5.1 step 5, 7.2, 12.15, 12.16).
 
 Shared by the pipeline and `train/`; no models, no files.
 """
@@ -13,7 +13,7 @@ def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
     """[N, layers, C] -> [N, window, layers, C]: entry [n, k] is frame n + k - window // 2, clamped to [0, N - 1].
 
     Inference clamps at the ends of the audio; training windows a slice with a margin and drops the margin, so its
-    neighbours are real (reference 5.1 step 5, 8.4).
+    neighbours are real (architecture 5.1 step 5, 8.4).
     """
     num_frames = features.shape[0]
     offsets = torch.arange(window) - window // 2
@@ -25,7 +25,7 @@ def num_clips(num_frames: int, clip_length: int = 49, motion_frames: int = 2) ->
     """Clips needed to cover `num_frames` output frames; each clip adds `clip_length - motion_frames` new frames.
 
     The official loop runs ceil(padded / stride) clips over audio padded to a multiple of `clip_length`, which can
-    add a final clip whose frames are all cut (reference 12.16). Clip k depends only on clips before it, so skipping
+    add a final clip whose frames are all cut (architecture 12.16). Clip k depends only on clips before it, so skipping
     that clip leaves every kept frame unchanged.
     """
     return math.ceil(num_frames / (clip_length - motion_frames))
@@ -59,7 +59,7 @@ def motion_frame_mask(
     height: int, width: int, rate: float = 0.1, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
     """The official motion-frame corruption: one random pixel mask [H, W] that drops `rate` of the pixels (to 0, mid
-    gray in [-1, 1]), shared by all motion frames and channels (reference 6.1, 12.14)."""
+    gray in [-1, 1]), shared by all motion frames and channels (architecture 6.1, 12.14)."""
     noise = torch.rand((height, width), generator=generator, device=generator.device if generator else device)
     return (noise > rate).to(device)
 

@@ -8,7 +8,7 @@ PATH is the official folder (with `latest`) or its `mp_rank_00_model_states.pt`.
 The file is read with `torch.load(weights_only=True, mmap=True)`: no pickled code runs, tensors stay on disk until
 they are written, and shards are flushed as they fill, so a 29 GB checkpoint converts in a few GB of memory. The
 result is written to a temporary folder and renamed at the end: a failed or interrupted run leaves nothing behind.
-Key mapping: reference section 10 (stock part as diffusers' `convert_cogvideox_to_diffusers.py`, Hallo3 keys 10.4).
+Key mapping: architecture 10 (stock part as diffusers' `convert_cogvideox_to_diffusers.py`, Hallo3 keys 10.4).
 """
 
 import argparse
@@ -38,7 +38,7 @@ DENOISER_PREFIX = "model.diffusion_model."
 REFERENCE_PREFIX = "ref_model.diffusion_model."
 # Parts of the engine that are not ours to convert: T5 and the VAE come from the CogVideoX diffusers release.
 IGNORED_PREFIXES = ("first_stage_model.", "conditioner.")
-# Official keys that nothing reads (reference 2, 10.3): RoPE tables we recompute, and a leftover SAT embedding.
+# Official keys that nothing reads (architecture 2, 10.3): RoPE tables we recompute, and a leftover SAT embedding.
 UNUSED_KEYS = ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos", "transformer.position_embeddings.weight")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -120,7 +120,7 @@ def _unsafe_globals(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Key mapping (reference 10.3 and 10.4)
+# Key mapping (architecture 10.3 and 10.4)
 
 # Whole-tensor renames outside the layers, SAT name -> diffusers name (suffix .weight/.bias kept).
 TOP_LEVEL_RENAMES = {
@@ -153,7 +153,7 @@ LAYER_SPLITS = {
     "face_attn.key_value": ("attn_face.to_k", "attn_face.to_v"),
     "audio_attn.key_value": ("attn_audio.to_k", "attn_audio.to_v"),
 }
-# The 12 adaLN chunks: 0-2 video attention, 3-5 video MLP, 6-8 text attention, 9-11 text MLP (reference 3.3).
+# The 12 adaLN chunks: 0-2 video attention, 3-5 video MLP, 6-8 text attention, 9-11 text MLP (architecture 3.3).
 NORM1_CHUNKS = (0, 1, 2, 6, 7, 8)
 NORM2_CHUNKS = (3, 4, 5, 9, 10, 11)
 

@@ -3,7 +3,7 @@
     python -m hallo3.convert_sat_vae --checkpoint pretrained_models/cogvideox-5b-i2v-sat/vae/3d-vae.pt \
         --output pretrained_models/hallo3-diffusers/vae
 
-It is the same network as the VAE of the CogVideoX-5B-I2V diffusers release (reference 6.2), so the official download
+It is the same network as the VAE of the CogVideoX-5B-I2V diffusers release (architecture 6.2), so the official download
 alone is enough: no second copy from the Hub. The rules are the transformer converter's: the file is read with
 `torch.load(weights_only=True, mmap=True)` (no pickled code runs), tensors stream into shards, the result must load
 strictly, and it is written to a staging folder that is renamed when complete.
@@ -31,7 +31,7 @@ from .interrupts import Interrupted, remove_stale_staging, staging_prefix, stop_
 logger = logging.getLogger("hallo3.convert_vae")
 
 STAGING_SUFFIX = ".partial"
-# What shapes cannot tell, as the CogVideoX-5B-I2V VAE has it (reference 6.2)
+# What shapes cannot tell, as the CogVideoX-5B-I2V VAE has it (architecture 6.2)
 OFFICIAL_VAE_CONFIG = {
     "norm_num_groups": 32,
     "norm_eps": 1e-6,

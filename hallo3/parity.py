@@ -51,7 +51,7 @@ def cfg_batch(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class RecordedEngine:
-    """The official engine's network call, in our terms: rows [unconditional, conditional] (reference 7.3)."""
+    """The official engine's network call, in our terms: rows [unconditional, conditional] (architecture 7.3)."""
 
     def __init__(self, transformer: Hallo3Transformer3DModel, reference_net: Hallo3ReferenceNet, inputs: dict):
         self.transformer = transformer
@@ -60,7 +60,7 @@ class RecordedEngine:
         self.face = cfg_batch(inputs["in.face_emb"])
         self.audio = torch.cat([torch.zeros_like(inputs["in.audio_emb"]), inputs["in.audio_emb"]])
         ref_latent = inputs["in.ref_latent"]
-        # reference pass: [r; r] on channels, t = 0, zero text (reference 4.2)
+        # reference pass: [r; r] on channels, t = 0, zero text (architecture 4.2)
         self.bank = reference_net(
             torch.cat([ref_latent, ref_latent], dim=2), torch.zeros_like(inputs["in.text_emb_uncond"]), 0.0
         )
@@ -155,7 +155,7 @@ def check_sampler(
 
 
 def recorded_guidance_scale(config: dict, trace: dict) -> float:
-    """The CFG scale the official sampler applied: 3.5 whatever its config says (reference 12.1)."""
+    """The CFG scale the official sampler applied: 3.5 whatever its config says (architecture 12.1)."""
     if "cfg_scale_effective" in config.get("sampler", {}):
         return float(config["sampler"]["cfg_scale_effective"])
     implied = [

@@ -1,4 +1,4 @@
-"""Hallo3Pipeline: portrait + speech waveform (+ prompt) -> talking video frames of any length (reference 6, 7).
+"""Hallo3Pipeline: portrait + speech waveform (+ prompt) -> talking video frames of any length (architecture 6, 7).
 
 The pipeline sees images and arrays, never paths: `hallo3.inference` turns files into its inputs and its frames into
 an mp4. One call runs the clip loop: 49-frame clips that overlap by `motion_frames` frames, each denoised with the
@@ -64,7 +64,7 @@ def dynamic_guidance_scale(scale: float, step: int, num_steps: int, exponent: fl
     """A guidance ramp from 1 to `scale`: 1 + (scale - 1)(1 - cos(pi p^exponent)) / 2 with p = step / (num_steps - 1).
 
     The official config names a cosine schedule (scale 6, exponent 5) but overwrites it with a constant 3.5 and feeds
-    it the timestep instead of the step (reference 12.1); this is the schedule it describes, on the step index.
+    it the timestep instead of the step (architecture 12.1); this is the schedule it describes, on the step index.
     """
     progress = step / max(num_steps - 1, 1)
     return 1 + (scale - 1) * (1 - math.cos(math.pi * progress**exponent)) / 2
@@ -370,7 +370,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
             )
 
     def _get_t5_prompt_embeds(self, prompt: str, max_length: int, device: torch.device) -> torch.Tensor:
-        """T5 states [1, S, D], padded to `max_length`, without an attention mask (reference 6.3)."""
+        """T5 states [1, S, D], padded to `max_length`, without an attention mask (architecture 6.3)."""
         input_ids = self.tokenizer(
             [prompt],
             padding="max_length",
@@ -436,7 +436,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         return image.to(device=device, dtype=torch.float32)
 
     def encode_frames(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Pixel frames [1, 3, F, H, W] in [-1, 1] -> sampled posterior x scaling, as [1, F', C, h, w] (reference 13)."""
+        """Pixel frames [1, 3, F, H, W] in [-1, 1] -> sampled posterior x scaling, as [1, F', C, h, w] (architecture 12.13)."""
         latent_dist = self.vae.encode(frames.to(self.vae.dtype)).latent_dist
         latents = latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
         return latents.permute(0, 2, 1, 3, 4).float()  # [B, C, F, h, w] -> [B, F, C, h, w]
@@ -451,7 +451,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
     def compute_reference_bank(
         self, reference_image: torch.Tensor, text_shape: torch.Size, generator: torch.Generator | None
     ) -> list[torch.Tensor]:
-        """Per-layer identity tokens of the face-masked reference image, at t=0 with zero text (reference 4.2).
+        """Per-layer identity tokens of the face-masked reference image, at t=0 with zero text (architecture 4.2).
 
         They depend on neither the clip nor the step, so the video computes them once.
         """
@@ -468,7 +468,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         num_latent_frames: int,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """The conditioning latent: VAE of [reference frame, masked motion frames] + zero frames (reference 6.1)."""
+        """The conditioning latent: VAE of [reference frame, masked motion frames] + zero frames (architecture 6.1)."""
         frames = [image]
         if motion is not None:
             mask = motion_frame_mask(self.height, self.width, generator=generator, device=image.device)
@@ -707,7 +707,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
 
     @staticmethod
     def to_uint8(frames: torch.Tensor) -> np.ndarray:
-        """[n, 3, H, W] in [0, 1] -> uint8 [n, H, W, 3] by truncation, as the official writer does (reference 12.28)."""
+        """[n, 3, H, W] in [0, 1] -> uint8 [n, H, W, 3] by truncation, as the official writer does (architecture 12.28)."""
         return (frames.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
 
     def denoise(

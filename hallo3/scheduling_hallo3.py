@@ -1,4 +1,4 @@
-"""The official Hallo3 sampler as a diffusers scheduler (reference 6.4, 6.5, 7.4, 12.11, 12.12)."""
+"""The official Hallo3 sampler as a diffusers scheduler (architecture 6.4, 6.5, 7.4, 12.11, 12.12)."""
 
 import math
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ class Hallo3SchedulerOutput(BaseOutput):
 def rescaled_alphas_cumprod_sqrt(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> torch.Tensor:
     """sqrt(alpha_bar) at `timesteps` (ascending), rescaled to zero terminal SNR over that subset.
 
-    Computed in fp32 with the ratio first, as the official `ZeroSNRDDPMDiscretization` does (reference 15.2).
+    Computed in fp32 with the ratio first, as the official `ZeroSNRDDPMDiscretization` does (architecture 15.2).
     """
     a = torch.tensor(alphas_cumprod[timesteps], dtype=torch.float32).sqrt()
     a_first, a_last = a[0].clone(), a[-1].clone()
@@ -31,7 +31,7 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
     """DPM-Solver++(2M) SDE in VP form with v-prediction on a zero-terminal-SNR schedule, exactly as Hallo3 samples.
 
     Implements `VPSDEDPMPP2MSampler` + `ZeroSNRDDPMDiscretization` + `DiscreteDenoiser` of the official code (SAT sgm).
-    diffusers' `CogVideoXDPMScheduler` is the same algorithm but not the same numbers (reference 7.4): it rescales
+    diffusers' `CogVideoXDPMScheduler` is the same algorithm but not the same numbers (architecture 7.4): it rescales
     alpha_bar over all 1000 steps (anchor t=0) instead of over the selected steps (anchor t=19 for 50 steps), it
     does not snap alpha to the nearest training-table entry for the x0 estimate, and its step list differs when the
     step count does not divide 1000. This class reproduces the official values, including:

@@ -5,7 +5,7 @@ loads into either with only the Hallo3 keys missing. The denoiser adds, per bloc
 self-attention, a face cross-attention and an audio cross-attention, plus the audio and face projections. The file
 reads top to bottom: rotary tables -> patch embedding -> attention -> projections -> block -> models.
 
-Section numbers refer to the Hallo3 reference (`docs` of the project): 3.x the denoiser, 4.x the reference network,
+Section numbers ("architecture 3.3") refer to docs/architecture.md: 3.x the denoiser, 4.x the reference network,
 5.x the audio and face conditioning, 12.x the quirks of the official code that are reproduced here.
 """
 
@@ -59,7 +59,7 @@ class Hallo3TransformerOutput(BaseOutput):
 def get_3d_rotary_emb(
     head_dim: int, num_frames: int, height: int, width: int, theta: float = 10000.0, device=None
 ) -> RotaryEmbedding:
-    """3D RoPE tables of the official code (reference 3.5): cos and sin of shape [num_frames * height * width, head_dim].
+    """3D RoPE tables of the official code (architecture 3.5): cos and sin of shape [num_frames * height * width, head_dim].
 
     The head dim is split t/h/w = d/4, 3d/8, 3d/8; each part uses frequencies theta^(-2j/d_part) on integer positions,
     each frequency repeated for two adjacent channels (interleaved pairs). Rows are ordered (t, h, w) like the tokens.
@@ -84,7 +84,7 @@ class Hallo3PatchEmbed(CogVideoXPatchEmbed):
     """CogVideoX patch embedding whose learned positions are sliced to the frames actually given.
 
     diffusers' `CogVideoXPatchEmbed` swaps the learned table for sin-cos positions whenever the frame count differs from
-    `sample_frames`, which would break the one-frame reference network (reference 12.29). Text tokens take the rows
+    `sample_frames`, which would break the one-frame reference network (architecture 12.29). Text tokens take the rows
     `[0, text_len)`, video tokens the rows after `max_text_seq_length`: at the official shapes (226 text tokens) this
     is exactly the official `pos_embedding[:, :226 + num_video_tokens]`.
     """
@@ -117,7 +117,7 @@ class Hallo3PatchEmbed(CogVideoXPatchEmbed):
 
 
 class Hallo3AttnProcessor:
-    """Joint self-attention over [text; video] plus optional reference keys/values (reference 3.5, 12.6).
+    """Joint self-attention over [text; video] plus optional reference keys/values (architecture 3.5, 12.6).
 
     Queries exist only for text and video tokens: the official code also computes queries for the reference tokens and
     then drops their outputs, which changes nothing since attention is independent per query. RoPE goes on the video
@@ -176,7 +176,7 @@ class Hallo3AttnProcessor:
 
 
 class Hallo3CrossAttnProcessor:
-    """Per-frame cross-attention from video tokens to face or audio tokens (reference 3.6, 12.4, 12.5).
+    """Per-frame cross-attention from video tokens to face or audio tokens (architecture 3.6, 12.4, 12.5).
 
     The official code routes this through the self-attention's hook chain, so the block's own q/k LayerNorms normalise
     the queries and the keys, and the queries get the RoPE of latent frame 0 (spatial angles only). Keys are not
@@ -248,7 +248,7 @@ class Hallo3Attention(nn.Module, AttentionModuleMixin):
         self.set_processor(processor if processor is not None else self._default_processor_cls())
 
     def reference_key_value(self, reference_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the reference tokens: this block's projections and key norm, no RoPE (reference 3.3)."""
+        """Keys and values of the reference tokens: this block's projections and key norm, no RoPE (architecture 3.3)."""
         if self.norm_k is None:
             raise ValueError("Reference keys go through the self-attention's key norm; this attention has none.")
         key = self.norm_k(self.to_k(reference_hidden_states).unflatten(-1, (self.heads, -1)))
@@ -277,7 +277,7 @@ class PairwiseConv1d(nn.Conv1d):
 
 
 class AudioProjection(nn.Module):
-    """wav2vec windows -> audio tokens per latent frame (reference 5.2, official `AudioProjModel`).
+    """wav2vec windows -> audio tokens per latent frame (architecture 5.2, official `AudioProjModel`).
 
     Each pixel frame's window [window, layers, channels] goes through three linear layers to `num_tokens` tokens. The
     frame axis is then compressed like the causal VAE: frame 0 is kept and the rest pass through the same stride-2
@@ -324,7 +324,7 @@ class AudioProjection(nn.Module):
 
 
 class FaceProjection(nn.Module):
-    """Identity embedding -> face tokens (reference 5.3, official `FaceProjModel`)."""
+    """Identity embedding -> face tokens (architecture 5.3, official `FaceProjModel`)."""
 
     def __init__(self, embed_dim: int = 512, hidden_size: int = 1024, num_tokens: int = 4):
         super().__init__()
@@ -338,7 +338,7 @@ class FaceProjection(nn.Module):
 
 
 class Hallo3Block(nn.Module):
-    """CogVideoX block with reference tokens, face and audio cross-attention (reference 3.3).
+    """CogVideoX block with reference tokens, face and audio cross-attention (architecture 3.3).
 
     Order: adaLN -> joint self-attention over [text; video; reference] -> gated residual -> face cross-attention ->
     residual -> audio cross-attention -> residual -> adaLN MLP -> gated residual.
@@ -629,7 +629,7 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixi
 
 
 class Hallo3Transformer3DModel(Hallo3TransformerBase):
-    """The Hallo3 denoiser: CogVideoX-5B-I2V plus reference tokens, face and audio conditioning (reference 3, 5).
+    """The Hallo3 denoiser: CogVideoX-5B-I2V plus reference tokens, face and audio conditioning (architecture 3, 5).
 
     The defaults are the released 5B model. The stock part keeps diffusers' `CogVideoXTransformer3DModel` names, so its
     weights load with only `norm_face`, `attn_face`, `norm_audio`, `attn_audio`, `audio_proj` and `face_proj` missing.
@@ -812,7 +812,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
 
 
 class Hallo3ReferenceNet(Hallo3TransformerBase):
-    """The reference network: the stock CogVideoX-5B-I2V transformer run on one latent frame (reference 4).
+    """The reference network: the stock CogVideoX-5B-I2V transformer run on one latent frame (architecture 4).
 
     Its forward returns the bank, the per-layer modulated image tokens that enter each block's self-attention
     ([B, N_ref, D] per layer). It stops once it has the last layer's tokens: the rest of the network does not touch
@@ -866,7 +866,7 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
         Args:
             hidden_states (`torch.Tensor`): [B, 1, C_in, H, W]; at inference the masked reference latent concatenated
                 with itself on channels.
-            encoder_hidden_states (`torch.Tensor`): [B, S, text_embed_dim]; zeros at inference (reference 12.9).
+            encoder_hidden_states (`torch.Tensor`): [B, S, text_embed_dim]; zeros at inference (architecture 12.9).
             timestep: 0 at inference and in training.
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters for this call.
 

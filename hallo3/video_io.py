@@ -1,4 +1,4 @@
-"""Frames + the original audio -> H.264/AAC mp4, streamed to ffmpeg and written atomically (reference 7.5).
+"""Frames + the original audio -> H.264/AAC mp4, streamed to ffmpeg and written atomically (architecture 7.5).
 
 Frames go to the encoder as they are produced, so memory does not grow with the video's length. The file appears
 under its final name only when it is complete; a failure leaves nothing.

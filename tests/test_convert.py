@@ -198,7 +198,7 @@ def test_cli_lists_the_unused_official_keys(tmp_path, caplog):
 
 
 def to_official_layout(model: Hallo3Transformer3DModel, reference: Hallo3ReferenceNet) -> dict:
-    """Our weights in the official SAT key layout, written plainly from reference section 10 (the inverse of the
+    """Our weights in the official SAT key layout, written plainly from architecture 10 (the inverse of the
     converter), with the RoPE buffers and the unused position table the official file carries."""
     from hallo3.transformer_hallo3 import get_3d_rotary_emb
 

@@ -1,4 +1,4 @@
-"""Face landmarks, the official face mask, the crop, and `python -m hallo3.preprocess` (reference 5.3, 7.1, 8.2)."""
+"""Face landmarks, the official face mask, the crop, and `python -m hallo3.preprocess` (architecture 5.3, 7.1, 8.2)."""
 
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""Training configuration: dataclasses with the official recipe as defaults, one YAML per stage (reference 9)."""
+"""Training configuration: dataclasses with the official recipe as defaults, one YAML per stage (architecture 9)."""
 
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 
-# Trainable parameters by explicit module names (reference 9). The official substring rule ("attention" also caught
+# Trainable parameters by explicit module names (architecture 9). The official substring rule ("attention" also caught
 # post_attention_layernorm, "model" also caught the reference net) is written out here as what it selected.
 STAGE1_TRAINABLE = {
     "transformer": [

@@ -1,4 +1,4 @@
-"""Prepared clips -> training samples (reference 8.4): 49 consecutive frames, a reference frame, features.
+"""Prepared clips -> training samples (architecture 8.4): 49 consecutive frames, a reference frame, features.
 
 Every random choice of a sample comes from a generator seeded with (seed, epoch, index), so a resumed run draws
 exactly what an uninterrupted one would. A sample that cannot be read (a truncated file, a missing frame) is replaced
@@ -57,7 +57,7 @@ class Hallo3ClipDataset(Dataset):
     Args:
         root (`Path`): the prepared folder (metadata*.jsonl, clips/).
         width, height (`int`): the model's resolution. Frames are resized to height x height and padded to width,
-            as the official training does for talking heads (reference 12.19).
+            as the official training does for talking heads (architecture 12.19).
         num_frames (`int`): frames per sample (49).
         audio_margin (`int`): frames kept free at both ends so that every audio window has true neighbours (2).
         window (`int`): audio window (5).

@@ -3,7 +3,7 @@
     python -m train.prepare_dataset --videos DIR --captions DIR --output DIR [--rank R --world-size W]
         [--face-analysis DIR] [--wav2vec MODEL] [--t5 MODEL] [--vocal-separator DIR]
 
-Per video (reference 8.2): frames at 25 fps and audio at 16 kHz (ffmpeg), then the filters below, then the face
+Per video (architecture 8.2): frames at 25 fps and audio at 16 kHz (ffmpeg), then the filters below, then the face
 embedding, the union face mask and the wav2vec2 features (the same `hallo3.preprocessing` code as inference), and
 optionally the T5 embedding of the caption (`--t5`) and the VAE posterior of fixed 49-frame windows at the training
 resolution (`--vae`, stored as mean and log-variance so that training still samples it). Kept clips land in `OUTPUT/clips/<name>/`; `metadata*.jsonl` lists them

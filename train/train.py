@@ -1,4 +1,4 @@
-"""Both Hallo3 training stages in one accelerate loop (reference 6.1, 6.5, 9).
+"""Both Hallo3 training stages in one accelerate loop (architecture 6.1, 6.5, 9).
 
     accelerate launch --config_file train/configs/accelerate/<config>.yaml -m train.train \
         --config train/configs/stage1.yaml [key=value ...]
@@ -92,7 +92,7 @@ class Progress:
 
 def init_new_modules(model: torch.nn.Module, names: set[str], num_layers: int) -> None:
     """SAT's initialisation of modules a checkpoint did not have: N(0, 0.02) projections, N(0, 0.02 / sqrt(2L)) for
-    the output projections, zero biases, LayerNorm 1/0 (reference 9). The audio/face projections get PyTorch's
+    the output projections, zero biases, LayerNorm 1/0 (architecture 9). The audio/face projections get PyTorch's
     default initialisation: `from_pretrained` leaves missing tensors uninitialised memory."""
     for module_name, module in model.named_modules():
         owned = {f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
@@ -270,7 +270,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def official_lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """SAT's AnnealingLR as Hallo3 ran it (reference 9), for optimizer step `step` counted from 1: the first
+    """SAT's AnnealingLR as Hallo3 ran it (architecture 9), for optimizer step `step` counted from 1: the first
     `warmup_hold_steps` at min(hold factor, ramp), a linear ramp to step `warmup_steps`, then the linear decay
     (max_steps - (step - warmup_steps)) / max_steps."""
     warmup = optim.warmup_steps
@@ -326,7 +326,7 @@ def full_tensor(parameter: torch.nn.Parameter):
 
 
 class ShardedEMA:
-    """EMA of the trained parameters (reference 9: FusedEmaAdam, decay 0.9999) where it costs least.
+    """EMA of the trained parameters (architecture 9: FusedEmaAdam, decay 0.9999) where it costs least.
 
     Under FSDP2 or ZeRO-3 each rank averages its own shard of every parameter; otherwise (DDP, ZeRO-2) the
     parameters are split between the ranks, balanced by size, and each rank averages its share. Either way a rank
@@ -406,7 +406,7 @@ class ShardedEMA:
 
 
 class Hallo3Loss:
-    """Builds the conditioning of a batch and returns the v-prediction MSE (reference 6.1, 6.5).
+    """Builds the conditioning of a batch and returns the v-prediction MSE (architecture 6.1, 6.5).
 
     Args:
         input_dtype: the dtype the prepared model's weights compute in (bf16 under DeepSpeed bf16, whose engine does

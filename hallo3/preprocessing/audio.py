@@ -1,4 +1,4 @@
-"""Speech file -> wav2vec2 features at the video frame rate (reference 5.1).
+"""Speech file -> wav2vec2 features at the video frame rate (architecture 5.1).
 
 Decoding takes any common format (wav, flac, ogg, mp3 through libsndfile; m4a/aac and anything else through the
 ffmpeg that imageio-ffmpeg ships), downmixes to mono and resamples to 16 kHz with soxr (librosa's default resampler,
@@ -144,7 +144,7 @@ def vocals_for_wav2vec(
 
 
 def num_video_frames(num_samples: int, fps: int = 25) -> int:
-    """ceil(seconds * fps): the number of output frames, one audio feature each (reference 5.1)."""
+    """ceil(seconds * fps): the number of output frames, one audio feature each (architecture 5.1)."""
     return math.ceil(num_samples / SAMPLE_RATE * fps)
 
 
@@ -153,7 +153,7 @@ class AudioEncoder:
 
     Follows the official `Wav2VecModel.forward`: the CNN features are linearly interpolated to the frame count
     before the feature projection and transformer, and the normalised waveform is zero-padded so that the frame count
-    is a multiple of `clip_length` (reference 5.1 step 3, 12.16).
+    is a multiple of `clip_length` (architecture 5.1 step 3, 12.16).
 
     Args:
         model (`Wav2Vec2Model`): wav2vec2-base-960h for the released model (12 layers of 768).

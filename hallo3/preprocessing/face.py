@@ -1,4 +1,4 @@
-"""Face landmarks, the face mask and the identity embedding (reference 5.3, 7.1 steps 1-3, 8.2, 12.21, 12.22).
+"""Face landmarks, the face mask and the identity embedding (architecture 5.3, 7.1 steps 1-3, 8.2, 12.21, 12.22).
 
 Two models, as in the official code:
 - landmarks, for the face box, the mask and the crop: mediapipe's 478-point face mesh. With the official
@@ -107,7 +107,7 @@ def expand_region(box: Box, size: tuple[int, int], expand: float = 1.2) -> tuple
 
 
 def face_mask(size: tuple[int, int], box: Box, expand: float = 1.2) -> Image.Image:
-    """Binary mask (mode "L", 0/255) of the official face region (reference 7.1 step 2).
+    """Binary mask (mode "L", 0/255) of the official face region (architecture 7.1 step 2).
 
     Args:
         size: (width, height) of the image.

@@ -1,4 +1,4 @@
-"""Portrait file -> RGB image, and framing to the model's 3:2 resolution (reference 7.1 step 4, 12.19).
+"""Portrait file -> RGB image, and framing to the model's 3:2 resolution (architecture 7.1 step 4, 12.19).
 
 Squares are padded to 3:2 with black bars and the output is cropped back to a square, as the official code does.
 Other aspect ratios are resized like the official code and cropped to 3:2 around the detected face, so the face is
