@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
 from hallo3.pipeline_hallo3 import MAX_MOTION_FRAMES
+from hallo3.resumable import fingerprint
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -140,6 +142,9 @@ class Hallo3App:
         for path in self.output_dir.glob("*.mp4"):
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
+        for run in self.output_dir.glob(".*.mp4.run"):  # a failed job nobody asked for again
+            if run.stat().st_mtime < cutoff:
+                shutil.rmtree(run, ignore_errors=True)
 
     def set_memory_mode(self, mode: str) -> None:
         """Rebuild the model in `mode`. Offload hooks and quantized weights cannot be undone in place, so any change
@@ -173,12 +178,17 @@ class Hallo3App:
         audio_path, audio_name = uploaded(audio, "speech audio")
         settings.max_audio_seconds = self.max_audio_seconds
         self.clean_old_outputs()
-        output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
-        output.unlink()  # the writer creates it atomically
+        output = self.output_for(image_path, audio_path, settings)
         try:
             with self.lock:
                 return self.generator.generate(
-                    image_path, audio_path, output, settings, names=(image_name, audio_name)
+                    image_path,
+                    audio_path,
+                    output,
+                    settings,
+                    overwrite=True,
+                    names=(image_name, audio_name),
+                    resume=True,
                 )
         except (*INPUT_ERRORS, ValueError) as error:
             logger.info("refused a request: %s", error)
@@ -186,6 +196,17 @@ class Hallo3App:
         except Exception as error:  # keep serving; the log has the traceback
             logger.exception("generation failed")
             raise gr.Error(f"Internal error ({type(error).__name__}). The server log has the details.") from None
+
+    def output_for(self, image: str, audio: str, settings: GenerationSettings) -> Path:
+        """Where a job's video goes. With a fixed seed the name comes from the inputs and settings, so a job that
+        failed part way (an OOM, a restart of the model) continues from its finished clips when it is asked again;
+        with a random seed every job is new."""
+        if settings.seed is None:
+            output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
+            output.unlink()  # the writer creates it atomically
+            return output
+        job = fingerprint(Path(image), Path(audio), asdict(settings), self.generator.model.label)
+        return self.output_dir / f"hallo3-{job[:24]}.mp4"
 
     def generate(
         self,

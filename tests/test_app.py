@@ -1,6 +1,7 @@
 """The Gradio app, launched for real on localhost with the tiny-random model: API client and a real browser."""
 
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -197,3 +198,42 @@ def test_real_browser_generate_then_ablation(server, speech_file):
         assert not page.locator("#variant-2 video").is_visible()
         page.screenshot(path=str(ARTIFACTS / "app-ablation.png"), full_page=True)
         browser.close()
+
+
+def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_generator, tmp_path, monkeypatch):
+    """The app, for a job it was running: asked again with the same inputs and seed, it computes only the clips the
+    failure lost, and the video is the one an unbroken job makes."""
+    from hallo3.preprocessing.audio import ffmpeg_exe
+
+    speech = tmp_path / "speech.wav"
+    t = np.arange(int(16000 * 3.0)) / 16000  # 75 frames: 2 clips
+    soundfile.write(speech, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    settings = lambda: app_module.slider_settings("", 3.5, 3.5, 2, 1, 11)  # noqa: E731
+    pipeline = tiny_generator.pipeline
+    decode = pipeline.decode_latents
+    calls = []
+
+    def failing_second_clip(latents):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return decode(latents)
+
+    app = app_module.Hallo3App(tiny_generator, "tiny-random", "cpu", tmp_path / "outputs")
+    monkeypatch.setattr(pipeline, "decode_latents", failing_second_clip)
+    with pytest.raises(Exception, match="Internal error"):
+        app.run(str(ASSETS / "0001.jpg"), str(speech), settings())
+    calls.clear()
+    resumed = app.run(str(ASSETS / "0001.jpg"), str(speech), settings())
+    assert len(calls) == 1  # only the lost clip
+
+    monkeypatch.setattr(pipeline, "decode_latents", decode)
+    fresh = app_module.Hallo3App(tiny_generator, "tiny-random", "cpu", tmp_path / "fresh").run(
+        str(ASSETS / "0001.jpg"), str(speech), settings()
+    )
+
+    def frames(video):
+        command = [ffmpeg_exe(), "-v", "error", "-i", str(video), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+        return subprocess.run(command, capture_output=True, check=True).stdout
+
+    assert frames(resumed.path) == frames(fresh.path)
