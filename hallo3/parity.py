@@ -138,9 +138,10 @@ def check_sampler(
         v = engine(x, timestep)
         denoised = scheduler.predict_original_sample(v, cfg_batch(x))
         report.compare(f"samp.call{i}.denoised", denoised, recorded[f"samp.call{i}.denoised"])
-        v_uncond, v_cond = v.chunk(2)
-        guided_v = v_uncond + guidance_scale * (v_cond - v_uncond)
-        output = scheduler.step(guided_v, timestep, x, generator=generator)
+        # guidance on each row's x0, as the official DynamicCFG does (architecture 7.3)
+        x0_uncond, x0_cond = denoised.chunk(2)
+        guided = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+        output = scheduler.step_denoised(guided, timestep, x, generator=generator)
         report.compare(f"samp.call{i}.guided", output.pred_original_sample, recorded[f"samp.call{i}.guided"])
         x = output.prev_sample
     report.compare("samp.final_latent", x, recorded["samp.final_latent"])

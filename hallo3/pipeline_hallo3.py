@@ -482,8 +482,9 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
     ) -> torch.Tensor:
         """Classifier-free guidance over the batched branches.
 
-        Two rows [uncond, cond]: v = u + g (c - u), the official joint guidance. Three rows [uncond, text only, cond]:
-        v = u + g (t - u) + g_a (c - t); text guidance g, audio guidance g_a. With g_a = g this is the two-row result.
+        `prediction` holds the rows' x0 estimates. Two rows [uncond, cond]: x0 = u + g (c - u), the official joint
+        guidance. Three rows [uncond, text only, cond]: x0 = u + g (t - u) + g_a (c - t); text guidance g, audio
+        guidance g_a. With g_a = g this is the two-row result.
         """
         if audio_guidance_scale is None:
             uncond, cond = prediction.chunk(2)
@@ -780,8 +781,10 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 prediction = output.sample.float()
                 if self._cfg_parallel is not None:
                     prediction = self._cfg_parallel.gather(prediction)
-                guided = self.guide(prediction, text_scale, audio_scale)
-                latents = self.scheduler.step(guided, t, latents, generator=generator).prev_sample
+                # each row's x0 in fp32, then guidance on x0: the official order (architecture 7.3, 7.4)
+                denoised = self.scheduler.predict_original_sample(prediction, latents)
+                guided = self.guide(denoised, text_scale, audio_scale)
+                latents = self.scheduler.step_denoised(guided, t, latents, generator=generator).prev_sample
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {"latents": latents} if "latents" in callback_on_step_end_tensor_inputs else {}

@@ -1,6 +1,5 @@
 """The official Hallo3 sampler as a diffusers scheduler (architecture 6.4, 6.5, 7.4, 12.11, 12.12)."""
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +41,8 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
       reproduction, but it is what the official code does);
     - the last step returns the x0 estimate without noise.
 
-    `step` takes the (guided) v-prediction; guidance on v and on x0 are the same since both rows share c_skip/c_out.
+    `step_denoised` takes the guided x0 estimate, as the official sampler guides x0 (architecture 7.3); `step` takes a
+    v-prediction. The two guidances are equal algebraically (both rows share c_skip/c_out), not in floating point.
     """
 
     order = 1
@@ -71,7 +71,6 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod_sqrt: torch.Tensor | None = None
         self._step_index: int | None = None
         self._previous_denoised: torch.Tensor | None = None
-        self._previous_h: float | None = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Select `num_inference_steps` timesteps, high noise first, and their rescaled alphas (plus a final 1)."""
@@ -87,7 +86,6 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
         self._previous_denoised = None
-        self._previous_h = None
 
     @property
     def step_index(self) -> int | None:
@@ -108,8 +106,11 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         step_index = self._step_index if step_index is None else step_index
         if step_index is None:
             raise ValueError("Call `set_timesteps` before sampling.")
-        alpha = self.denoiser_alpha(step_index)
-        return sample * alpha + model_output.to(sample.dtype) * -math.sqrt(1 - alpha**2)
+        # c_skip and c_out as fp32 tensors, computed as the official denoiser computes them (a double-precision
+        # sqrt rounded to fp32 can differ from fp32 arithmetic by one ulp, which the sampler then amplifies)
+        alpha = torch.tensor(self.denoiser_alpha(step_index), dtype=torch.float32, device=sample.device)
+        c_out = -((1 - alpha**2) ** 0.5)
+        return model_output.to(sample.dtype) * c_out + sample * alpha
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         return sample  # c_in = 1 for the VP parameterisation
@@ -127,8 +128,10 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         return a * noise - (1 - a**2).sqrt() * sample
 
     @staticmethod
-    def _log_snr(alpha: float) -> float:
-        return -math.inf if alpha == 0 else math.log(alpha / math.sqrt(1 - alpha**2))
+    def _log_snr(alpha: torch.Tensor) -> torch.Tensor:
+        """lambda = log(a / sqrt(1 - a^2)), -inf at a = 0, computed as the official sampler does."""
+        alpha_cumprod = alpha**2
+        return ((alpha_cumprod / (1 - alpha_cumprod)) ** 0.5).log()
 
     def step(
         self,
@@ -138,32 +141,48 @@ class Hallo3DPMScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> Hallo3SchedulerOutput | tuple:
-        """One DPM-Solver++(2M) SDE step from the (guided) v-prediction; the last step returns x0."""
+        """One DPM-Solver++(2M) SDE step from a v-prediction; the last step returns x0. (Hallo3's pipeline guides
+        on x0, as the official sampler does, and calls `step_denoised`.)"""
+        if self._step_index is None:
+            raise ValueError("Call `set_timesteps` before `step`.")
+        denoised = self.predict_original_sample(model_output, sample, self._step_index)
+        return self.step_denoised(denoised, timestep, sample, generator, return_dict)
+
+    def step_denoised(
+        self,
+        denoised: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> Hallo3SchedulerOutput | tuple:
+        """One DPM-Solver++(2M) SDE step from the (guided) x0 estimate `denoised`; the last step returns it."""
         if self._step_index is None or self.alphas_cumprod_sqrt is None or self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
         i = self._step_index
-        denoised = self.predict_original_sample(model_output, sample, i)
         if i == self.num_inference_steps - 1:
             self._step_index += 1
             prev_sample = denoised
         else:
-            alpha, alpha_next = self.alphas_cumprod_sqrt[i].item(), self.alphas_cumprod_sqrt[i + 1].item()
+            # fp32 tensor arithmetic in the official order (architecture 7.4): the same values as in double precision
+            # up to rounding, and the rounding is what a parity check sees
+            alphas = self.alphas_cumprod_sqrt.to(sample.device)
+            alpha, alpha_next = alphas[i], alphas[i + 1]
             h = self._log_snr(alpha_next) - self._log_snr(alpha)
-            mult1 = math.sqrt((1 - alpha_next**2) / (1 - alpha**2)) * math.exp(-h)
-            mult2 = math.expm1(-2 * h) * alpha_next
-            noise_scale = math.sqrt(1 - alpha_next**2) * math.sqrt(-math.expm1(-2 * h))
+            mult1 = ((1 - alpha_next**2) / (1 - alpha**2)) ** 0.5 * (-h).exp()
+            mult2 = (-2 * h).expm1() * alpha_next
+            noise_scale = (1 - alpha_next**2) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
 
             # The official sampler always computes the first-order update first, so its noise is drawn (and, after
             # the first step, thrown away) before the second-order update draws its own.
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            if self._previous_denoised is None or self._previous_h is None:
-                prev_sample = mult1 * sample - mult2 * denoised + noise_scale * noise
-            else:
+            prev_sample = mult1 * sample - mult2 * denoised + noise_scale * noise
+            if self._previous_denoised is not None and i > 0 and torch.isfinite(h):
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-                r = self._previous_h / h
+                r = (self._log_snr(alpha) - self._log_snr(alphas[i - 1])) / h  # inf after the first step: D' = D
                 combined = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * self._previous_denoised
                 prev_sample = mult1 * sample - mult2 * combined + noise_scale * noise
-            self._previous_denoised, self._previous_h = denoised, h
+            self._previous_denoised = denoised
             self._step_index += 1
 
         if not return_dict:

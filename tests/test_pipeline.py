@@ -221,3 +221,26 @@ def test_reusing_conditioning_changes_nothing(tiny_pipeline):
     finally:
         tiny_pipeline.transformer.forward = original
     assert np.array_equal(recomputed, reference)
+
+
+def test_guidance_acts_on_each_rows_x0_as_the_official_sampler(tiny_pipeline, monkeypatch):
+    """The official DynamicCFG combines the rows' x0 estimates (architecture 7.3), not their v-predictions: equal in
+    exact arithmetic, not in floating point, so the order is checked directly."""
+    expected, guided_inputs = [], []
+
+    def keep_x0(module, args, output):
+        latents = args[0][:1, :, : module.config.out_channels].float()  # the rows share the noisy latent
+        expected.append(tiny_pipeline.scheduler.predict_original_sample(output.sample.float(), latents))
+
+    guide = tiny_pipeline.guide
+    monkeypatch.setattr(
+        tiny_pipeline, "guide", lambda rows, *scales: guided_inputs.append(rows) or guide(rows, *scales)
+    )
+    handle = tiny_pipeline.transformer.register_forward_hook(keep_x0)
+    try:
+        run(tiny_pipeline, num_inference_steps=3)
+    finally:
+        handle.remove()
+    assert len(guided_inputs) == len(expected) == 3
+    for rows, x0 in zip(guided_inputs, expected):
+        torch.testing.assert_close(rows, x0, rtol=0, atol=0)
