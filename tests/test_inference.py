@@ -205,7 +205,7 @@ def test_input_list_format_errors_name_the_line(tmp_path):
         read_input_list(tmp_path / "jobs.txt")
 
 
-def test_a_failure_mid_video_leaves_no_file(tmp_path, tiny_generator, monkeypatch):
+def test_a_failure_mid_video_leaves_no_video_and_keeps_the_finished_clip(tmp_path, tiny_generator, monkeypatch):
     calls = []
 
     def failing_decode(latents):
@@ -223,4 +223,6 @@ def test_a_failure_mid_video_leaves_no_file(tmp_path, tiny_generator, monkeypatc
             tmp_path / "v.mp4",
             GenerationSettings(num_inference_steps=1),
         )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".v.mp4.run", "a.wav"]  # no video, no partial file
+    kept = sorted(p.name for p in (tmp_path / ".v.mp4.run").iterdir())
+    assert kept == ["segment-00000.mp4", "state.json", "state.safetensors"]  # clip 1, finished, for --resume

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -391,3 +392,28 @@ def test_a_corrupted_sample_is_skipped_counted_and_too_many_stop_the_run(prepare
     code = run_main(f"data={data}", f"output_dir={tmp_path / 'strict'}", "report_to=[]", "max_bad_samples=0")
     assert code == 2
     assert "1 bad samples skipped, more than max_bad_samples=0" in one_line_error(capsys)
+
+
+def test_lora_training_exports_an_adapter_the_pipeline_loads(prepared, tmp_path):
+    """`lora.rank`: only the adapters train; the export is the file `load_lora_weights` reads, and it changes the
+    video, while every base weight is the one training started from."""
+    result = train(tiny_config(prepared, tmp_path, max_steps=2, **{"lora.rank": 4, "optim.learning_rate": 1e-2}))
+    adapter = Path(result["export"]) / "lora"
+    assert [p.name for p in adapter.iterdir()] == ["pytorch_lora_weights.safetensors"]
+    saved = load_file(adapter / "pytorch_lora_weights.safetensors")
+    assert {name.split(".")[0] for name in saved} == {"transformer", "reference_net"}
+    assert all(".lora_A." in name or ".lora_B." in name for name in saved)
+
+    pipe = build_tiny_random_pipeline(seed=42)  # the base the tiny run starts from
+    pipe.set_progress_bar_config(disable=True)
+    image = np.full((pipe.height, pipe.width, 3), 128, dtype=np.uint8)
+    audio = (0.3 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 200)).astype(np.float32)
+
+    def video():
+        return pipe(image=image, audio=audio, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
+
+    base = video()
+    pipe.load_lora_weights(adapter, adapter_name="person")
+    assert np.abs(video() - base).max() > 1e-4  # the adapter was trained: it changes the video
+    pipe.set_adapters(["person"], adapter_weights=[0.0])
+    np.testing.assert_allclose(video(), base, atol=1e-5)  # weight 0: the untouched base

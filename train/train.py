@@ -248,6 +248,56 @@ def set_trainable(model: Hallo3TrainingModel, patterns: dict[str, list[str]]) ->
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
+def add_lora(model: Hallo3TrainingModel, config: TrainConfig) -> list[str]:
+    """PEFT adapters (through diffusers' `add_adapter`) on the configured networks; only they train."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    lora = config.lora
+    model.requires_grad_(False)
+    for network in lora.networks:
+        getattr(model, network).add_adapter(
+            PeftLoraConfig(
+                r=lora.rank,
+                lora_alpha=int(lora.alpha or lora.rank),
+                target_modules=list(lora.target_modules),
+                init_lora_weights=True,
+            )
+        )
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def export_lora(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig, export_dir: Path) -> None:
+    """The adapters (gathered onto the main process) as the one file `Hallo3Pipeline.load_lora_weights` reads."""
+    from hallo3.pipeline_hallo3 import Hallo3Pipeline
+
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    bare = accelerator.unwrap_model(model)
+
+    def adapter(network: str) -> tuple[dict | None, dict | None]:
+        if network not in config.lora.networks:
+            return None, None
+        prefix = f"{network}."
+        # PEFT's own names carry the adapter name ("lora_A.default.weight"); the saved format does not
+        layers = {
+            name[len(prefix) :].replace(".default.", "."): tensor
+            for name, tensor in state.items()
+            if name.startswith(prefix) and ".lora_" in name
+        }
+        return layers, getattr(bare, network).peft_config["default"].to_dict()
+
+    transformer_layers, transformer_metadata = adapter("transformer")
+    reference_layers, reference_metadata = adapter("reference_net")
+    Hallo3Pipeline.save_lora_weights(
+        export_dir / "lora",
+        transformer_lora_layers=transformer_layers,
+        reference_net_lora_layers=reference_layers,
+        transformer_lora_adapter_metadata=transformer_metadata,
+        reference_net_lora_adapter_metadata=reference_metadata,
+    )
+
+
 def set_master_precision(model: torch.nn.Module) -> None:
     """Trained parameters in fp32 (the master weights the optimizer updates), frozen ones stay in the load dtype."""
     for parameter in model.parameters():
@@ -669,7 +719,7 @@ def build_dataset(config: TrainConfig, transformer_config) -> Hallo3ClipDataset:
 
 def build_training_model(config: TrainConfig, models: LoadedModels) -> tuple[Hallo3TrainingModel, list[str]]:
     model = Hallo3TrainingModel(models.transformer, models.reference_net)
-    trained = set_trainable(model, config.trainable_patterns())
+    trained = set_trainable(model, config.trainable_patterns()) if not config.lora.rank else add_lora(model, config)
     set_master_precision(model)
     if config.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()  # the reference net is not checkpointed (official)
@@ -889,7 +939,10 @@ def train(config: TrainConfig) -> dict:
     result["weights_sha256"] = digest
     print(json.dumps({"rank": accelerator.process_index, "weights_sha256": digest}), flush=True)
     ema.copy_to(parameters)
-    export(accelerator, model, output_dir / "final")
+    if config.lora.rank:
+        export_lora(accelerator, model, config, output_dir / "final")
+    else:
+        export(accelerator, model, output_dir / "final")
     if accelerator.is_main_process:
         result["export"] = str(output_dir / "final")
     accelerator.end_training()
