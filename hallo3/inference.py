@@ -240,12 +240,14 @@ class Hallo3Generator:
         overwrite: bool = False,
         names: tuple[str, str] | None = None,
         resume: bool = False,
+        writes: bool = True,
     ) -> GenerationResult:
         """Make the mp4 at `output_path`; it appears only when complete. An existing file is kept unless `overwrite`.
         `names` are how errors name the two input files (default: their paths).
 
         Every finished clip is kept beside the output (see `hallo3.resumable`): after a crash, an OOM or a signal,
         `resume=True` continues from the last finished clip and makes exactly the video an unbroken run makes.
+        `writes=False`: compute the video but write nothing (the other processes of a CFG-parallel run).
         """
         settings = settings or GenerationSettings()
         settings.validate()
@@ -270,6 +272,7 @@ class Hallo3Generator:
             self.pipeline.fps,
             metadata,
             seed,
+            writes,
         )
         resume_from = run.start(resume, overwrite)
         if resume_from is not None:
@@ -393,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lora", type=Path, default=None, help="a LoRA in diffusers' format, fused into the model")
     parser.add_argument("--lora-scale", type=finite_float, default=1.0, help="strength of --lora")
+    parser.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="split each step's guidance rows across processes (start with torchrun --nproc_per_node 2)",
+    )
     parser.add_argument("--step-cache-threshold", type=float, default=0.1, help="first-block cache threshold")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return parser
@@ -424,6 +432,7 @@ def run_batch(
     overwrite: bool = False,
     skip: frozenset[int] = frozenset(),
     resume: bool = False,
+    writes: bool = True,
 ) -> int:
     """Run this process's share of the jobs (but those in `skip`); a failed job is reported and the rest go on.
     Returns the number of failures."""
@@ -434,7 +443,7 @@ def run_batch(
         job_settings = GenerationSettings(**{**asdict(settings), "prompt": prompt})
         output = batch_output(output_dir, index, jobs[index])
         try:
-            result = generator.generate(image, audio, output, job_settings, overwrite, resume=resume)
+            result = generator.generate(image, audio, output, job_settings, overwrite, resume=resume, writes=writes)
         except (*INPUT_ERRORS, ValueError) as error:
             failures += 1
             print(f"error: job {index + 1} ({image.name}, {audio.name}): {error}", file=sys.stderr)
@@ -536,14 +545,37 @@ def kept_clips_hint(args: argparse.Namespace) -> str:
     return " (its finished clips are kept: run the same command with --resume to continue)" if saved else ""
 
 
+def join_cfg_parallel_group() -> tuple[int, int, str]:
+    """(rank, world size, device) of this process in the default process group that `torchrun` describes in the
+    environment: NCCL and this process's GPU, or gloo on a CPU."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError(
+            "--cfg-parallel: start one process per GPU, e.g. `torchrun --nproc_per_node 2 -m hallo3.inference "
+            "--cfg-parallel ...` (2 guidance rows; 3 with a separate --audio-guidance-scale)."
+        )
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool) -> int:
     """Every check that needs no model, then the model, then the video(s)."""
     settings.validate()
     check_memory_mode(args.memory_mode)
     from accelerate import PartialState
 
-    state = PartialState()
-    device = state.device if batch and state.num_processes > 1 else args.device
+    if args.cfg_parallel:  # every process makes every video, each computing its guidance rows; one writes
+        process_index, num_processes, device = join_cfg_parallel_group()
+        split_jobs, writes, is_main = False, process_index == 0, process_index == 0
+    else:  # under `accelerate launch` a batch's jobs are split across the processes
+        state = PartialState()
+        process_index, num_processes = state.process_index, state.num_processes
+        split_jobs, writes, is_main = batch and num_processes > 1, True, state.is_main_process
+        device = state.device if split_jobs else args.device
     check_device(str(device))
     face_analyzer = FaceAnalyzer(local_model_folders(args.model)[0])
     problems: dict[int, str] = {}
@@ -553,7 +585,7 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
         for index, job in enumerate(jobs):
             check_output_path(batch_output(args.output_dir, index, job), args.overwrite, args.resume)
         problems = check_jobs_before_loading(jobs, settings, face_analyzer)
-        for problem in problems.values() if state.is_main_process else ():
+        for problem in problems.values() if is_main else ():
             print(f"error: {problem}", file=sys.stderr)
     else:
         check_output_path(args.output, args.overwrite, args.resume)
@@ -570,21 +602,27 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
         loaded.pipeline.enable_step_cache(args.step_cache, args.step_cache_threshold)
     if args.compile:
         loaded.pipeline.compile_transformer()
+    if args.cfg_parallel:
+        loaded.pipeline.enable_cfg_parallel()
     if batch:
         failures = run_batch(
             generator,
             jobs,
             args.output_dir,
             settings,
-            state.process_index,
-            state.num_processes,
+            process_index if split_jobs else 0,
+            num_processes if split_jobs else 1,
             args.overwrite,
             skip=frozenset(problems),
             resume=args.resume,
+            writes=writes,
         )
         return 2 if failures or problems else 0
-    result = generator.generate(args.image, args.audio, args.output, settings, args.overwrite, resume=args.resume)
-    logger.info("Wrote %s with %s", summary(result), loaded.label)
+    result = generator.generate(
+        args.image, args.audio, args.output, settings, args.overwrite, resume=args.resume, writes=writes
+    )
+    if writes:
+        logger.info("Wrote %s with %s", summary(result), loaded.label)
     return 0
 
 

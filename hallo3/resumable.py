@@ -70,12 +70,22 @@ class ResumableVideo:
         fps (`int`): 25.
         metadata (`dict`): container tags of the final mp4.
         seed (`int`): the run's seed, saved so that `--resume` without `--seed` continues with it.
+        writes (`bool`): False for the processes of a CFG-parallel run other than the first: they compute the same
+            video, read the saved state, and write nothing.
     """
 
     def __init__(
-        self, output: Path, fingerprint: str, audio_path: Path, fps: int, metadata: dict[str, str], seed: int
+        self,
+        output: Path,
+        fingerprint: str,
+        audio_path: Path,
+        fps: int,
+        metadata: dict[str, str],
+        seed: int,
+        writes: bool = True,
     ):
         self.output = output
+        self.writes = writes
         self.seed = seed
         self.folder = run_folder(output)
         self.fingerprint = fingerprint
@@ -96,6 +106,8 @@ class ResumableVideo:
         """Prepare the folder. With `resume`, return the saved state (None: nothing saved yet, start at clip 0);
         without it a saved run is an error unless `overwrite` discards it."""
         saved = self.saved_state()
+        if not self.writes:
+            return self._state(saved) if resume and saved is not None else None
         if saved is not None and not resume:
             if not overwrite:
                 raise ResumeError(
@@ -112,11 +124,14 @@ class ResumableVideo:
         self.folder.mkdir(exist_ok=True)
         if saved is None:
             return None
-        tensors = load_file(self.folder / "state.safetensors")
         self.num_segments = saved["next_clip"]
         for stale in self.folder.glob("segment-*"):  # a segment of a clip whose state was never saved
             if int(stale.name.split("-")[1].split(".")[0]) >= self.num_segments:
                 stale.unlink()
+        return self._state(saved)
+
+    def _state(self, saved: dict) -> ClipLoopState:
+        tensors = load_file(self.folder / "state.safetensors")
         return ClipLoopState(
             next_clip=saved["next_clip"],
             frames_done=saved["frames_done"],
@@ -126,6 +141,8 @@ class ResumableVideo:
 
     def save_state(self, state: ClipLoopState) -> None:
         """After a clip's segment: the state that continues from it, written so that a kill never leaves half of it."""
+        if not self.writes:
+            return
         tensors = {}
         if state.motion is not None:
             tensors["motion"] = state.motion.detach().to("cpu", torch.float32).contiguous()
@@ -147,12 +164,16 @@ class ResumableVideo:
 
     def write_segment(self, frames: np.ndarray) -> None:
         """One clip's new frames (uint8 [n, H, W, 3]) as the next segment."""
+        if not self.writes:
+            return
         with VideoWriter(self.folder / f"segment-{self.num_segments:05d}.mp4", fps=self.fps) as writer:
             writer.write(frames)
         self.num_segments += 1
 
     def finish(self) -> Path:
         """Join the segments (no re-encoding), mux the original audio, rename into place, remove the folder."""
+        if not self.writes:
+            return self.output
         segments = [self.folder / f"segment-{i:05d}.mp4" for i in range(self.num_segments)]
         listing = self.folder / "segments.txt"
         listing.write_text("".join(f"file '{segment.name}'\n" for segment in segments))

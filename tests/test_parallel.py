@@ -70,3 +70,48 @@ def test_rows_split_evenly_or_refuse():
         parallel.rows(3)
     with pytest.raises(RuntimeError, match="torchrun"):
         CFGParallel.from_default_group()
+
+
+def test_the_cli_runs_cfg_parallel_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m hallo3.inference --cfg-parallel ...` on 2 gloo processes: one video, written
+    once, like the single-process one; without torchrun the flag is a one-line error."""
+    import subprocess
+    import sys
+
+    import soundfile
+
+    from hallo3.preprocessing.audio import ffmpeg_exe
+
+    from .conftest import ASSETS
+
+    t = np.arange(16000) / 16000
+    soundfile.write(tmp_path / "speech.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    args = ["-m", "hallo3.inference", "--model", "tiny-random", "--image", str(ASSETS / "0001.jpg")]
+    args += ["--audio", str(tmp_path / "speech.wav"), "--steps", "2", "--seed", "4"]
+    single = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one.mp4")], capture_output=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    parallel = subprocess.run(
+        [*torchrun, *args, "--cfg-parallel", "--output", str(tmp_path / "two.mp4")], capture_output=True, text=True
+    )
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.stderr.count("Wrote ") == 1  # one process writes
+
+    def frames(name):
+        command = [ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / name), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+        return np.frombuffer(subprocess.run(command, capture_output=True, check=True).stdout, dtype=np.uint8)
+
+    one, two = frames("one.mp4"), frames("two.mp4")
+    assert one.shape == two.shape and np.abs(one.astype(int) - two.astype(int)).mean() < 0.5  # fp32 rounding apart
+    alone = subprocess.run(
+        [sys.executable, *args, "--cfg-parallel", "--output", str(tmp_path / "x.mp4")], capture_output=True, text=True
+    )
+    assert alone.returncode == 2 and "torchrun" in alone.stderr and "Traceback" not in alone.stderr
