@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -523,19 +524,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    return run_conversion(
+        lambda: convert(args.checkpoint, args.output, args.config, args.max_shard_size, args.overwrite)
+    )
+
+
+def run_conversion(write: Callable[[], Path]) -> int:
+    """A converter's CLI rules around `write`: a bad checkpoint is one line and exit 2; SIGINT, SIGTERM and SIGHUP
+    stop it cleanly (its staging folder is removed) with exit 128 + the signal."""
     try:
-        with stop_on_signals():  # SIGTERM and SIGHUP clean up like Ctrl-C does
-            convert(args.checkpoint, args.output, args.config, args.max_shard_size, args.overwrite)
+        with stop_on_signals():
+            output = write()
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Interrupted as interrupted:
-        print(f"error: stopped by {interrupted.signal_name}; nothing was written.", file=sys.stderr)
-        return interrupted.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written.", file=sys.stderr)
-        return 130
-    logger.info("Wrote %s", args.output)
+    except KeyboardInterrupt as interrupted:
+        reason = f"stopped by {interrupted.signal_name}" if isinstance(interrupted, Interrupted) else "interrupted"
+        print(f"error: {reason}; nothing was written.", file=sys.stderr)
+        return interrupted.exit_code if isinstance(interrupted, Interrupted) else 130
+    logger.info("Wrote %s", output)
     return 0
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
-from .convert_sat_checkpoint import CheckpointError, ShardWriter, load_state_dict
-from .interrupts import Interrupted, remove_stale_staging, staging_prefix, stop_on_signals
+from .convert_sat_checkpoint import CheckpointError, ShardWriter, load_state_dict, run_conversion
+from .interrupts import remove_stale_staging, staging_prefix
 
 
 logger = logging.getLogger("hallo3.convert_vae")
@@ -152,17 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=json.loads, default={}, help="JSON config values that shapes cannot tell")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        with stop_on_signals():
-            convert_vae(args.checkpoint, args.output, args.config)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Interrupted as interrupted:
-        print(f"error: stopped by {interrupted.signal_name}; nothing was written.", file=sys.stderr)
-        return interrupted.exit_code
-    logger.info("Wrote %s", args.output)
-    return 0
+    return run_conversion(lambda: convert_vae(args.checkpoint, args.output, args.config))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,12 @@ def build_official_layout(root: Path) -> Path:
     tiny = build_tiny_random_pipeline()  # T5 of width 32, as the fixture's text_embed_dim
     tiny.tokenizer.save_pretrained(models / "t5-v1_1-xxl")
     tiny.text_encoder.save_pretrained(models / "t5-v1_1-xxl")
-    wav2vec = models / "wav2vec" / "wav2vec2-base-960h"  # the fixture's audio projection reads 12 layers of 16
+    save_fixture_wav2vec(models / "wav2vec" / "wav2vec2-base-960h")
+    return models
+
+
+def save_fixture_wav2vec(folder: Path) -> Path:
+    """A random wav2vec2 of the shape fixture A's audio projection reads (12 layers of 16 channels), saved."""
     config = Wav2Vec2Config(
         hidden_size=16,
         num_hidden_layers=12,
@@ -89,6 +94,6 @@ def build_official_layout(root: Path) -> Path:
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
     )
-    Wav2Vec2Model(config).save_pretrained(wav2vec)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True).save_pretrained(wav2vec)
-    return models
+    Wav2Vec2Model(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True).save_pretrained(folder)
+    return folder

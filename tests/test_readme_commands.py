@@ -24,7 +24,7 @@ import soundfile
 import torch
 
 from .conftest import ASSETS, FIXTURE_A
-from .official_layout import build_official_layout
+from .official_layout import build_official_layout, save_fixture_wav2vec
 
 
 REPO = Path(__file__).parent.parent
@@ -207,8 +207,6 @@ def test_gpu_check_smoke_runs_verbatim_on_the_cpu(checkout):
 
 def test_save_pipeline_assembles_the_converted_fixture_with_stock_parts(tmp_path):
     """The converter output + T5/VAE/wav2vec2 folders -> one folder that diffusers' generic entry loads."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
     from hallo3.convert_sat_checkpoint import convert
     from hallo3.loading import build_tiny_random_pipeline
 
@@ -218,18 +216,7 @@ def test_save_pipeline_assembles_the_converted_fixture_with_stock_parts(tmp_path
     tiny.tokenizer.save_pretrained(base / "tokenizer")
     tiny.text_encoder.save_pretrained(base / "text_encoder")
     tiny.vae.save_pretrained(base / "vae")
-    wav2vec = tmp_path / "wav2vec"  # the fixture's audio projection reads 12 layers of 16 channels
-    config = Wav2Vec2Config(
-        hidden_size=16,
-        num_hidden_layers=12,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    Wav2Vec2Model(config).save_pretrained(wav2vec)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True).save_pretrained(wav2vec)
+    wav2vec = save_fixture_wav2vec(tmp_path / "wav2vec")
 
     output = tmp_path / "hallo3-pipeline"
     command = [
