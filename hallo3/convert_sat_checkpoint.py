@@ -19,7 +19,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from .interrupts import Interrupted, remove_stale_staging, staging_prefix, stop_on_signals
+from .interrupts import Interrupted, staging_folder, stop_on_signals
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel, get_3d_rotary_emb
 
 
@@ -484,11 +483,7 @@ def convert(
         ) from None
     check_rope_tables(denoiser, denoiser_config)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_stale_staging(output.parent, output.name, STAGING_SUFFIX):
-        logger.info("Removed %s, left by a conversion that was killed.", leftover)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output.name), suffix=STAGING_SUFFIX, dir=output.parent))
-    try:
+    with staging_folder(output, STAGING_SUFFIX) as staging:
         for label, network, model_cls, config in (
             ("transformer", denoiser, Hallo3Transformer3DModel, denoiser_config),
             ("reference_net", reference, Hallo3ReferenceNet, reference_config),
@@ -503,9 +498,6 @@ def convert(
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

@@ -16,16 +16,14 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
 from .convert_sat_checkpoint import CheckpointError, ShardWriter, load_state_dict, run_conversion
-from .interrupts import remove_stale_staging, staging_prefix
+from .interrupts import staging_folder
 
 
 logger = logging.getLogger("hallo3.convert_vae")
@@ -120,11 +118,7 @@ def convert_vae(
         model = AutoencoderKLCogVideoX.from_config(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_stale_staging(output.parent, output.name, STAGING_SUFFIX):
-        logger.info("Removed %s, left by a conversion that was killed.", leftover)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output.name), suffix=STAGING_SUFFIX, dir=output.parent))
-    try:
+    with staging_folder(output, STAGING_SUFFIX) as staging:
         model.save_config(staging)
         writer = ShardWriter(staging, max_shard_bytes)
         num_up_blocks = len(config["block_out_channels"])
@@ -139,9 +133,6 @@ def convert_vae(
         if missing:
             raise CheckpointError(f"AutoencoderKLCogVideoX would miss {len(missing)} tensors, e.g. {missing[:3]}.")
         staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

@@ -67,3 +67,22 @@ def remove_stale_staging(folder: Path, name: str, suffix: str) -> list[Path]:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
             removed.append(leftover)
     return removed
+
+
+@contextmanager
+def staging_folder(output: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """A new folder beside `output` to write into, renamed by the caller when complete; removed on any exception or
+    signal, and removed by a later run if this process is killed outright (its id is in the name)."""
+    import logging
+    import shutil
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_stale_staging(output.parent, output.name, suffix):
+        logging.getLogger(__name__).info("Removed %s, left by a run that was killed.", leftover)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output.name), suffix=suffix, dir=output.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -11,14 +11,13 @@ It is written to a temporary folder beside OUTPUT and renamed when complete.
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .convert_sat_checkpoint import CheckpointError
+from .interrupts import staging_folder
 from .loading import DEFAULT_BASE_MODEL, ModelSourceError, load_pipeline
 from .remote_code import push_folder
 
@@ -42,14 +41,9 @@ def save_pipeline(
     loaded = load_pipeline(model, base_model=base_model, wav2vec_model=wav2vec_model, torch_dtype=torch_dtype)
     if loaded.is_random:
         logger.warning("Saving %s.", loaded.label)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    with staging_folder(output) as staging:
         loaded.pipeline.save_pretrained(staging)
         staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if push_to_hub:
         push_folder(output, push_to_hub)
     return output
