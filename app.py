@@ -24,7 +24,7 @@ from typing import Any
 import gradio as gr
 import torch
 
-from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, Hallo3Generator
+from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, PortraitAnimator
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
@@ -111,24 +111,24 @@ class Hallo3App:
     """The model shared by every request, and the functions behind the buttons.
 
     Args:
-        generator (`Hallo3Generator`): the loaded model; one per process, protected by the queue's concurrency 1.
-        model_source (`str`): what `generator` was loaded from (`--model`); quantized memory modes reload from it.
+        animator (`PortraitAnimator`): the loaded model; one per process, protected by the queue's concurrency 1.
+        model_source (`str`): what `animator` was loaded from (`--model`); quantized memory modes reload from it.
         device (`str`): where the pipeline runs.
         output_dir (`Path`): where videos are written; files older than an hour are removed.
         max_audio_seconds (`float`): uploads longer than this are refused.
-        memory_mode (`str`): the mode `generator` was built with.
+        memory_mode (`str`): the mode `animator` was built with.
     """
 
     def __init__(
         self,
-        generator: Hallo3Generator,
+        animator: PortraitAnimator,
         model_source: str,
         device: str,
         output_dir: Path,
         max_audio_seconds: float = 120.0,
         memory_mode: str = "none",
     ):
-        self.generator = generator
+        self.animator = animator
         self.model_source = model_source
         self.device = device
         self.output_dir = output_dir
@@ -153,17 +153,17 @@ class Hallo3App:
             return
         if mode not in available_memory_modes():
             raise gr.Error(f"Memory mode {mode} is not available on this machine.")
-        torch_dtype = self.generator.pipeline.dtype
+        torch_dtype = self.animator.pipeline.dtype
         with self.lock:
             logger.info(
                 "Switching the memory mode from %s to %s: reloading %s.", self.memory_mode, mode, self.model_source
             )
-            del self.generator
+            del self.animator
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             model = load_pipeline(self.model_source, torch_dtype=torch_dtype, memory_mode=mode)
-            self.generator = Hallo3Generator(model, self.device, mode)
+            self.animator = PortraitAnimator(model, self.device, mode)
             self.memory_mode = mode
 
     def run(
@@ -181,7 +181,7 @@ class Hallo3App:
         output = self.output_for(image_path, audio_path, settings)
         try:
             with self.lock:
-                return self.generator.generate(
+                return self.animator.generate(
                     image_path,
                     audio_path,
                     output,
@@ -205,7 +205,7 @@ class Hallo3App:
             output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
             output.unlink()  # the writer creates it atomically
             return output
-        job = fingerprint(Path(image), Path(audio), asdict(settings), self.generator.model.label)
+        job = fingerprint(Path(image), Path(audio), asdict(settings), self.animator.model.label)
         return self.output_dir / f"hallo3-{job[:24]}.mp4"
 
     def generate(
@@ -228,7 +228,7 @@ class Hallo3App:
         )
         result = self.run(image, audio, settings)
         summary = (
-            f"**Model:** {self.generator.model.label}  \n**Video:** {result.video_seconds:.2f} s "
+            f"**Model:** {self.animator.model.label}  \n**Video:** {result.video_seconds:.2f} s "
             f"({result.num_frames} frames) in {result.seconds:.1f} s  \n**Settings:** steps "
             f"{settings.num_inference_steps}, CFG {settings.guidance_scale}, audio guidance "
             f"{settings.audio_guidance_scale}, motion frames {settings.motion_frames}, seed {result.seed}, memory "
@@ -246,7 +246,7 @@ class Hallo3App:
             DEFAULTS.guidance_scale,
             DEFAULTS.guidance_scale,  # equal: the official joint guidance
             DEFAULTS.motion_frames,
-            DEFAULTS.num_inference_steps if not self.generator.model.is_random else 4,
+            DEFAULTS.num_inference_steps if not self.animator.model.is_random else 4,
             EXAMPLE_SEED,
             False,
             self.memory_mode,
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_pipeline(source, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     # one folder per app process: two apps on one machine never sweep each other's videos
     output_dir = Path(tempfile.mkdtemp(prefix="hallo3-app-"))
-    app = Hallo3App(Hallo3Generator(model, device), source, device, output_dir, args.max_audio_seconds)
+    app = Hallo3App(PortraitAnimator(model, device), source, device, output_dir, args.max_audio_seconds)
     demo = build_demo(app, model.is_random, available_memory_modes())
     demo.queue(default_concurrency_limit=1, max_size=16)
     logger.info("Videos go to %s (removed when the app stops).", output_dir)

@@ -110,24 +110,21 @@ def denoise(
     scheduler.set_timesteps(steps, device=device)
     if getattr(transformer, "is_cache_enabled", False):
         transformer._reset_stateful_cache()
-    latents, conditioning, times = inputs["noise"], {}, []
+    latents, tokens, times = inputs["noise"], None, []
     generator = torch.Generator(device).manual_seed(1)
     dtype = inputs["text"].dtype
     for i, t in enumerate(scheduler.timesteps):
         synchronize(device)
         started = time.perf_counter()
-        raw = {} if conditioning else dict(reference_hidden_states=inputs["bank"], face_embeds=inputs["face"])
-        if not conditioning:
-            raw["audio_embeds"] = inputs["audio"]
+        raw = dict(reference_hidden_states=inputs["bank"], face_embeds=inputs["face"], audio_embeds=inputs["audio"])
         model_input = torch.cat([latents.expand(2, -1, -1, -1, -1).to(dtype), inputs["image_latents"]], dim=2)
         text, timestep = inputs["text"], t.expand(2).float()
         if parallel is not None:
             model_input, text, timestep = (parallel.split(x, 2) for x in (model_input, text, timestep))
             raw = {k: parallel.split(v, 2) if torch.is_tensor(v) else v for k, v in raw.items()}
         with transformer.cache_context("cfg_batch", step_index=i, num_inference_steps=steps, timestep=t):
-            output = transformer(model_input, text, timestep, **raw, **conditioning, return_conditioning=i == 0)
-        if output.conditioning:
-            conditioning = {k: v for k, v in output.conditioning.items() if v is not None}
+            output = transformer(model_input, text, timestep, **raw, conditioning_tokens=tokens)
+        tokens = output.conditioning_tokens
         prediction = output.sample.float()
         if parallel is not None:
             prediction = parallel.gather(prediction)

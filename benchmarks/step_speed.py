@@ -97,13 +97,11 @@ def sample(transformer, bank, inputs, steps: int, reuse: bool) -> tuple[torch.Te
     """The pipeline's inner loop (CFG 3.5); returns the final latents and per-step seconds."""
     scheduler = Hallo3DPMScheduler()
     scheduler.set_timesteps(steps)
-    latents, times, conditioning = inputs["noise"], [], {}
+    latents, times, tokens = inputs["noise"], [], None
     generator = torch.Generator(latents.device).manual_seed(1)
-    for i, t in enumerate(scheduler.timesteps):
+    raw = dict(reference_hidden_states=bank, face_embeds=inputs["face"], audio_embeds=inputs["audio"])
+    for t in scheduler.timesteps:
         started = time.perf_counter()
-        raw = dict(reference_hidden_states=bank, face_embeds=inputs["face"], audio_embeds=inputs["audio"])
-        if conditioning:
-            raw = {}
         model_input = torch.cat(
             [latents.expand(2, -1, -1, -1, -1).to(inputs["text"].dtype), inputs["image_latents"]], 2
         )
@@ -113,11 +111,10 @@ def sample(transformer, bank, inputs, steps: int, reuse: bool) -> tuple[torch.Te
                 inputs["text"],
                 t.expand(2).float(),
                 **raw,
-                **conditioning,
-                return_conditioning=reuse and i == 0,
+                conditioning_tokens=tokens,
             )
-        if output.conditioning:
-            conditioning = {k: v for k, v in output.conditioning.items() if v is not None}
+        if reuse:
+            tokens = output.conditioning_tokens
         uncond, cond = output.sample.float().chunk(2)
         latents = scheduler.step(uncond + 3.5 * (cond - uncond), t, latents, generator=generator).prev_sample
         if latents.device.type == "cuda":
@@ -180,9 +177,7 @@ def main() -> None:
 
     transformer, reference_net = build(args.layers, latent_hw, device, dtype)
     inputs = make_inputs(transformer, device, dtype)
-    bank = reference_net(
-        torch.cat([inputs["reference"]] * 2, 2), torch.zeros(1, 226, 4096, device=device, dtype=dtype)
-    )
+    bank = reference_net(inputs["reference"], torch.zeros(1, 226, 4096, device=device, dtype=dtype))
     tokens = 13 * (latent_hw[0] // 2) * (latent_hw[1] // 2)
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), {dtype}, "

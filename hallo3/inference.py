@@ -189,7 +189,7 @@ def read_inputs(
     return image, face, waveform
 
 
-class Hallo3Generator:
+class PortraitAnimator:
     """A loaded model plus the file-side steps: preprocessing, the pipeline, and the mp4 writer.
 
     Args:
@@ -423,7 +423,7 @@ def read_input_list(path: Path) -> list[tuple[str, Path, Path]]:
 
 
 def run_batch(
-    generator: Hallo3Generator,
+    animator: PortraitAnimator,
     jobs: list[tuple[str, Path, Path]],
     output_dir: Path,
     settings: GenerationSettings,
@@ -443,7 +443,7 @@ def run_batch(
         job_settings = GenerationSettings(**{**asdict(settings), "prompt": prompt})
         output = batch_output(output_dir, index, jobs[index])
         try:
-            result = generator.generate(image, audio, output, job_settings, overwrite, resume=resume, writes=writes)
+            result = animator.generate(image, audio, output, job_settings, overwrite, resume=resume, writes=writes)
         except (*INPUT_ERRORS, ValueError) as error:
             failures += 1
             print(f"error: job {index + 1} ({image.name}, {audio.name}): {error}", file=sys.stderr)
@@ -593,7 +593,7 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype, memory_mode=args.memory_mode)
-    generator = Hallo3Generator(loaded, device, args.memory_mode)
+    animator = PortraitAnimator(loaded, device, args.memory_mode)
     if args.attention_backend:
         loaded.pipeline.set_attention_backend(args.attention_backend)
     if args.lora is not None:
@@ -606,7 +606,7 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
         loaded.pipeline.enable_cfg_parallel()
     if batch:
         failures = run_batch(
-            generator,
+            animator,
             jobs,
             args.output_dir,
             settings,
@@ -618,7 +618,7 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
             writes=writes,
         )
         return 2 if failures or problems else 0
-    result = generator.generate(
+    result = animator.generate(
         args.image, args.audio, args.output, settings, args.overwrite, resume=args.resume, writes=writes
     )
     if writes:

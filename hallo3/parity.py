@@ -60,10 +60,8 @@ class RecordedEngine:
         self.face = cfg_batch(inputs["in.face_emb"])
         self.audio = torch.cat([torch.zeros_like(inputs["in.audio_emb"]), inputs["in.audio_emb"]])
         ref_latent = inputs["in.ref_latent"]
-        # reference pass: [r; r] on channels, t = 0, zero text (architecture 4.2)
-        self.bank = reference_net(
-            torch.cat([ref_latent, ref_latent], dim=2), torch.zeros_like(inputs["in.text_emb_uncond"]), 0.0
-        )
+        # reference pass: t = 0, zero text (architecture 4.2)
+        self.bank = reference_net(ref_latent, torch.zeros_like(inputs["in.text_emb_uncond"]), 0.0)
 
     def __call__(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
         """v-prediction for both rows at one timestep; x is [1, F, C, H, W]."""

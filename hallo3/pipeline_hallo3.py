@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase, T5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from .conditioning import (
+from .clip_loop import (
     ClipLoopState,
     audio_windows,
     clip_audio_indices,
@@ -28,12 +28,13 @@ from .conditioning import (
     motion_frame_mask,
     num_clips,
 )
+from .encoding import decode_latents, encode_frames, encode_text
 from .lora import Hallo3LoraLoaderMixin
 from .parallel import CFGParallel
 from .preprocessing.audio import AudioEncoder
 from .remote_code import push_folder, resolve_for_installed_package, write_remote_code
 from .scheduling_hallo3 import Hallo3DPMScheduler
-from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
+from .transformer_hallo3 import ConditioningTokens, Hallo3ReferenceNet, Hallo3Transformer3DModel
 
 
 logger = logging.get_logger(__name__)
@@ -68,14 +69,6 @@ def dynamic_guidance_scale(scale: float, step: int, num_steps: int, exponent: fl
     """
     progress = step / max(num_steps - 1, 1)
     return 1 + (scale - 1) * (1 - math.cos(math.pi * progress**exponent)) / 2
-
-
-# raw input -> what the transformer computes from it once (see `Hallo3TransformerOutput.conditioning`)
-CONDITIONING_REUSE = {
-    "reference_hidden_states": "reference_key_values",
-    "face_embeds": "face_tokens",
-    "audio_embeds": "audio_tokens",
-}
 
 
 @dataclass
@@ -369,18 +362,6 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}; got {unknown}."
             )
 
-    def _get_t5_prompt_embeds(self, prompt: str, max_length: int, device: torch.device) -> torch.Tensor:
-        """T5 states [1, S, D], padded to `max_length`, without an attention mask (architecture 6.3)."""
-        input_ids = self.tokenizer(
-            [prompt],
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(input_ids.to(device))[0]
-
     @torch.no_grad()
     def encode_prompt(
         self,
@@ -411,12 +392,14 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 transformer.config.max_text_seq_length if transformer is not None else DEFAULT_TEXT_LENGTH
             )
         if prompt_embeds is None:
-            prompt_embeds = self._get_t5_prompt_embeds(prompt, max_sequence_length, device)
+            prompt_embeds = encode_text(self.tokenizer, self.text_encoder, [prompt], max_sequence_length, device)
         if negative_prompt_embeds is None:
             if negative_prompt is None:
                 negative_prompt_embeds = torch.zeros_like(prompt_embeds)
             else:
-                negative_prompt_embeds = self._get_t5_prompt_embeds(negative_prompt, max_sequence_length, device)
+                negative_prompt_embeds = encode_text(
+                    self.tokenizer, self.text_encoder, [negative_prompt], max_sequence_length, device
+                )
         return prompt_embeds.to(device=device, dtype=dtype), negative_prompt_embeds.to(device=device, dtype=dtype)
 
     def preprocess_image(self, image: ImageInput, device: torch.device) -> torch.Tensor:
@@ -435,17 +418,9 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
             )
         return image.to(device=device, dtype=torch.float32)
 
-    def encode_frames(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Pixel frames [1, 3, F, H, W] in [-1, 1] -> sampled posterior x scaling, as [1, F', C, h, w] (architecture 12.13)."""
-        latent_dist = self.vae.encode(frames.to(self.vae.dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
-        return latents.permute(0, 2, 1, 3, 4).float()  # [B, C, F, h, w] -> [B, F, C, h, w]
-
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[1, F, C, h, w] -> pixel frames [F', 3, H, W] in [0, 1]; the VAE decodes in chunks of latent frames."""
-        latents = latents.permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
-        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [1, 3, F', H, W]
-        return ((frames[0].float() + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
+        return decode_latents(self.vae, latents)
 
     @torch.no_grad()
     def compute_reference_bank(
@@ -455,11 +430,12 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
 
         They depend on neither the clip nor the step, so the video computes them once.
         """
-        reference_latent = self.encode_frames(reference_image.unsqueeze(2), generator)  # [1, 1, C, h, w]
+        reference_latent = encode_frames(self.vae, reference_image[:, None], generator)  # [1, 1, C, h, w]
         zero_text = torch.zeros(text_shape, device=reference_latent.device, dtype=self.reference_net.dtype)
-        model_input = torch.cat([reference_latent, reference_latent], dim=2).to(self.reference_net.dtype)
         timestep = torch.zeros(1, device=reference_latent.device)
-        return self.reference_net(model_input, zero_text, timestep, attention_kwargs=self.attention_kwargs)
+        return self.reference_net(
+            reference_latent.to(self.reference_net.dtype), zero_text, timestep, attention_kwargs=self.attention_kwargs
+        )
 
     def prepare_image_latents(
         self,
@@ -473,7 +449,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         if motion is not None:
             mask = motion_frame_mask(self.height, self.width, generator=generator, device=image.device)
             frames += [frame * mask for frame in motion]
-        latent = self.encode_frames(torch.stack(frames, dim=1)[None], generator)  # [1, 3, F, H, W] -> [1, 1, C, h, w]
+        latent = encode_frames(self.vae, torch.stack(frames)[None], generator)  # [1, F, 3, H, W] -> [1, 1, C, h, w]
         padding = latent.new_zeros(1, num_latent_frames - latent.shape[1], *latent.shape[2:])
         return torch.cat([latent, padding], dim=1)
 
@@ -634,8 +610,8 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 motion = resume_from.motion.to(device=image.device, dtype=image.dtype)
             if generator is not None and resume_from.generator_state is not None:
                 generator.set_state(resume_from.generator_state)
-        # reference keys/values and face tokens, computed on the first step, kept for the video
-        video_conditioning: dict[str, Any] = {}
+        # reference keys/values and face tokens: computed by the first step of the first clip, kept for the video
+        video_tokens = ConditioningTokens()
         with self.progress_bar(total=total_clips, desc="clips", initial=first_clip) as clip_bar:
             for clip in range(first_clip, total_clips):
                 indices = clip_audio_indices(clip, len(windows), self.clip_length, motion_frames)
@@ -648,21 +624,20 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 image_latents = self.prepare_image_latents(image, motion, latent_frames, generator)
                 image_latents = image_latents.expand(num_branches, -1, -1, -1, -1).to(dtype)
                 latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
-                conditioning_inputs = dict(
-                    reference_hidden_states=bank, face_embeds=face_rows, audio_embeds=audio_rows
-                )
-                latents = self.denoise(
+                raw_inputs = dict(reference_hidden_states=bank, face_embeds=face_rows, audio_embeds=audio_rows)
+                latents, clip_tokens = self.denoise(
                     latents,
                     image_latents,
                     text,
-                    conditioning_inputs,
-                    video_conditioning,
+                    raw_inputs,
+                    video_tokens,
                     num_inference_steps,
                     guidance,
                     generator,
                     callback_on_step_end,
                     callback_on_step_end_tensor_inputs,
                 )
+                video_tokens = clip_tokens.without_audio()
                 last_clip = clip == total_clips - 1 or self.interrupt
                 if output_type == "latent":
                     kept_latents.append(latents.cpu())
@@ -716,23 +691,23 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         latents: torch.Tensor,
         image_latents: torch.Tensor,
         text: torch.Tensor,
-        conditioning_inputs: dict,
-        video_conditioning: dict,
+        raw_inputs: dict[str, Any],
+        video_tokens: ConditioningTokens,
         num_inference_steps: int,
         guidance: "Guidance",
         generator: torch.Generator | None,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
-    ) -> torch.Tensor:
-        """One clip's sampling loop; returns the clean latents [1, F, C, h, w].
+    ) -> tuple[torch.Tensor, ConditioningTokens]:
+        """One clip's sampling loop; returns the clean latents [1, F, C, h, w] and the conditioning tokens it used.
 
-        The first step computes the step-independent conditioning (reference keys/values, face and audio tokens)
-        inside the transformer's forward and gets it back; later steps pass it in instead of the raw inputs.
-        `video_conditioning` carries the parts that do not change between clips (all but the audio tokens).
+        `raw_inputs` are the transformer's reference bank, face embedding and audio windows for this clip;
+        `video_tokens` what earlier clips made of them that holds for this one too. The first step computes the rest
+        (the audio tokens, and on the first clip everything); every later step reuses what the step before returned.
         Each clip is a sampling run of its own for diffusers' cache hooks, so their state is reset first.
         """
         num_branches = text.shape[0]
-        conditioning = dict(video_conditioning)
+        tokens = video_tokens
         self.transformer._reset_stateful_cache()
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         timesteps = self.scheduler.timesteps
@@ -747,10 +722,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 model_input = torch.cat(
                     [latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype), image_latents], dim=2
                 )
-                inputs = {
-                    raw: None if computed in conditioning else conditioning_inputs[raw]
-                    for raw, computed in CONDITIONING_REUSE.items()
-                }
+                inputs = raw_inputs
                 timestep = t.expand(num_branches).float()
                 call_text = text
                 if self._cfg_parallel is not None:  # this process's guidance rows only
@@ -771,13 +743,10 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                         call_text,
                         timestep,
                         **inputs,
-                        **conditioning,
-                        return_conditioning=i == 0,
+                        conditioning_tokens=tokens,
                         attention_kwargs=self.attention_kwargs,
                     )
-                if output.conditioning is not None:
-                    conditioning.update({k: v for k, v in output.conditioning.items() if v is not None})
-                    video_conditioning.update({k: v for k, v in conditioning.items() if k != "audio_tokens"})
+                tokens = output.conditioning_tokens
                 prediction = output.sample.float()
                 if self._cfg_parallel is not None:
                     prediction = self._cfg_parallel.gather(prediction)
@@ -791,4 +760,4 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                     outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = outputs.get("latents", latents)
                 step_bar.update()
-        return latents
+        return latents, tokens

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conditioning import ClipLoopState
+from .clip_loop import ClipLoopState
 from .interrupts import remove_stale_staging, staging_prefix
 from .preprocessing.audio import ffmpeg_exe
 from .video_io import PARTIAL_SUFFIX, VideoWriter

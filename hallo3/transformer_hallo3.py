@@ -42,18 +42,41 @@ logger = logging.get_logger(__name__)
 RotaryEmbedding = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class ConditioningTokens:
+    """What the denoiser makes of the identity, face and audio inputs before its blocks (step 3 of its forward).
+
+    None of it depends on the denoising step, and only the audio tokens depend on the clip, so a caller hands the
+    value of one call (`Hallo3TransformerOutput.conditioning_tokens`) to the next instead of the raw inputs: the
+    pipeline keeps one per video (without audio) and one per clip. Computing it inside `forward` keeps diffusers'
+    offload hooks in charge of where the projection weights are. A None field is a modality not given (yet).
+
+    Args:
+        reference_key_values: per layer, the reference tokens' keys and values, each [1 or B, N_ref, H, Dh].
+        face_tokens (`torch.Tensor`): [B, num_face_tokens, face_hidden_size].
+        audio_tokens (`torch.Tensor`): [B, latent frames, num_audio_tokens, audio_hidden_size].
+    """
+
+    reference_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    face_tokens: torch.Tensor | None = None
+    audio_tokens: torch.Tensor | None = None
+
+    def without_audio(self) -> "ConditioningTokens":
+        """The part that holds for every clip of a video."""
+        return dataclasses.replace(self, audio_tokens=None)
+
+
 @dataclass
 class Hallo3TransformerOutput(BaseOutput):
     """
     Args:
         sample (`torch.Tensor`): the v-prediction [B, F, C, H, W].
-        conditioning (`dict`, *optional*): with `return_conditioning=True`, the step-independent inputs this call
-            computed (`reference_key_values`, `face_tokens`, `audio_tokens`); pass them back as keyword arguments to
-            skip that work on later steps (the reference keys/values on later clips too).
+        conditioning_tokens (`ConditioningTokens`): the tokens this call used; pass them to later calls to skip their
+            computation.
     """
 
     sample: torch.Tensor
-    conditioning: dict | None = None
+    conditioning_tokens: ConditioningTokens | None = None
 
 
 def get_3d_rotary_emb(
@@ -491,10 +514,24 @@ TransformerBlockRegistry.register(
 )
 
 
-class Hallo3TransformerBase(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
-    """What the denoiser and the reference network share: embeddings, blocks and output layers.
+class Hallo3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
+    """The Hallo3 denoiser: CogVideoX-5B-I2V plus reference tokens, face and audio conditioning (architecture 3, 5).
 
-    Subclasses register their own config; this `__init__` only builds modules.
+    The defaults are the released 5B model. The stock part keeps diffusers' `CogVideoXTransformer3DModel` names, so its
+    weights load with only `norm_face`, `attn_face`, `norm_audio`, `attn_audio`, `audio_proj` and `face_proj` missing.
+    `Hallo3ReferenceNet` has this same config; it builds neither the face nor the audio modules.
+
+    Args:
+        add_face_module (`bool`): the face projection and each block's face cross-attention.
+        face_embed_dim (`int`): identity embedding width (ArcFace 512).
+        face_hidden_size (`int`), num_face_tokens (`int`): face tokens per video, repeated for every latent frame.
+        add_audio_module (`bool`): the audio projection and each block's audio cross-attention; False for the stage-1
+            (identity only) network.
+        audio_window (`int`), audio_num_layers (`int`), audio_channels (`int`): shape of one frame's wav2vec window.
+        audio_intermediate_dim (`int`), audio_hidden_size (`int`), num_audio_tokens (`int`): audio projection sizes.
+        final_norm_eps (`float`): epsilon of `norm_out.norm`; the official code uses 1e-6 where diffusers uses 1e-5.
+        qk_norm_eps (`float`): epsilon of the q/k LayerNorms (1e-6 in the official code).
+        Other arguments are those of `CogVideoXTransformer3DModel`; the stock-only ones are validated, not used.
     """
 
     _supports_gradient_checkpointing = True
@@ -509,140 +546,8 @@ class Hallo3TransformerBase(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixi
         r"transformer_blocks\.\d+\.attn_audio",
         r"transformer_blocks\.\d+\.ff",
     ]
-
-    def __init__(self):
-        super().__init__()
-        # `register_to_config` stores the subclass's arguments before its body runs, so the shared modules are built
-        # from `self.config`
-        c = self.config
-        if (
-            not (c.use_rotary_positional_embeddings and c.use_learned_positional_embeddings)
-            or c.patch_size_t
-            or (c.ofs_embed_dim)
-        ):
-            raise ValueError(
-                "Hallo3 is built on CogVideoX-5B-I2V 1.0 (RoPE and learned positions, no temporal patches, no ofs "
-                "embedding); this config describes another CogVideoX variant."
-            )
-        face_hidden_size = getattr(c, "face_hidden_size", None)
-        audio_hidden_size = c.audio_hidden_size if getattr(c, "add_audio_module", False) else None
-        num_attention_heads, attention_head_dim, norm_eps = c.num_attention_heads, c.attention_head_dim, c.norm_eps
-        norm_elementwise_affine, time_embed_dim, patch_size = c.norm_elementwise_affine, c.time_embed_dim, c.patch_size
-        inner_dim = num_attention_heads * attention_head_dim
-
-        # 1. Patch embedding with learned positions over [text; video]
-        self.patch_embed = Hallo3PatchEmbed(
-            patch_size=patch_size,
-            in_channels=c.in_channels,
-            embed_dim=inner_dim,
-            text_embed_dim=c.text_embed_dim,
-            bias=True,
-            sample_width=c.sample_width,
-            sample_height=c.sample_height,
-            sample_frames=c.sample_frames,
-            temporal_compression_ratio=c.temporal_compression_ratio,
-            max_text_seq_length=c.max_text_seq_length,
-            use_positional_embeddings=False,
-            use_learned_positional_embeddings=True,
-        )
-        self.embedding_dropout = nn.Dropout(c.dropout)
-
-        # 2. Time embedding
-        self.time_proj = Timesteps(inner_dim, c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, c.timestep_activation_fn)
-
-        # 3. Blocks
-        self.transformer_blocks = nn.ModuleList(
-            [
-                Hallo3Block(
-                    dim=inner_dim,
-                    num_attention_heads=num_attention_heads,
-                    attention_head_dim=attention_head_dim,
-                    time_embed_dim=time_embed_dim,
-                    face_hidden_size=face_hidden_size,
-                    audio_hidden_size=audio_hidden_size,
-                    dropout=c.dropout,
-                    activation_fn=c.activation_fn,
-                    attention_bias=c.attention_bias,
-                    norm_elementwise_affine=norm_elementwise_affine,
-                    norm_eps=norm_eps,
-                    qk_norm_eps=c.qk_norm_eps,
-                    ff_inner_dim=c.ff_inner_dim,
-                )
-                for _ in range(c.num_layers)
-            ]
-        )
-        self.norm_final = nn.LayerNorm(inner_dim, norm_eps, norm_elementwise_affine)
-
-        # 4. Output: adaLN (shift first) with the official 1e-6 epsilon, then per-patch projection
-        self.norm_out = AdaLayerNorm(
-            embedding_dim=time_embed_dim,
-            output_dim=2 * inner_dim,
-            norm_elementwise_affine=norm_elementwise_affine,
-            norm_eps=c.final_norm_eps,
-            chunk_dim=1,
-        )
-        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * c.out_channels)
-
-        self.gradient_checkpointing = False
-
-    def embed(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor | float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RotaryEmbedding]:
-        """Time embedding, patch embedding and RoPE tables; returns (video tokens, text tokens, temb, rope)."""
-        batch_size, num_frames, _, height, width = hidden_states.shape
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        timestep = timestep.expand(batch_size) if timestep.ndim == 0 else timestep
-
-        # timesteps carry no weights and always come out f32; the embedding MLP may run in bf16
-        temb = self.time_embedding(self.time_proj(timestep).to(dtype=hidden_states.dtype))
-
-        tokens = self.embedding_dropout(self.patch_embed(encoder_hidden_states, hidden_states))
-        text_seq_length = encoder_hidden_states.shape[1]
-        p = self.config.patch_size
-        image_rotary_emb = get_3d_rotary_emb(
-            self.config.attention_head_dim,
-            num_frames,
-            height // p,
-            width // p,
-            self.config.rope_theta,
-            device=hidden_states.device,
-        )
-        return tokens[:, text_seq_length:], tokens[:, :text_seq_length], temb, image_rotary_emb
-
-    def enable_cache(self, config) -> None:
-        """diffusers' `CacheMixin.enable_cache`; a `TaylorSeerCacheConfig` without module patterns gets this model's
-        attention and feed-forward modules (`_taylorseer_cache_identifiers`) instead of patterns that match nothing."""
-        if (
-            isinstance(config, TaylorSeerCacheConfig)
-            and not config.use_lite_mode
-            and config.cache_identifiers is None
-            and config.skip_predict_identifiers is None
-        ):
-            config = dataclasses.replace(config, cache_identifiers=list(self._taylorseer_cache_identifiers))
-        super().enable_cache(config)
-
-    def run_block(self, block: Hallo3Block, *args) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, *args)
-        return block(*args)
-
-
-class Hallo3Transformer3DModel(Hallo3TransformerBase):
-    """The Hallo3 denoiser: CogVideoX-5B-I2V plus reference tokens, face and audio conditioning (architecture 3, 5).
-
-    The defaults are the released 5B model. The stock part keeps diffusers' `CogVideoXTransformer3DModel` names, so its
-    weights load with only `norm_face`, `attn_face`, `norm_audio`, `attn_audio`, `audio_proj` and `face_proj` missing.
-
-    Args:
-        face_embed_dim (`int`): identity embedding width (ArcFace 512).
-        face_hidden_size (`int`), num_face_tokens (`int`): face tokens per video, repeated for every latent frame.
-        add_audio_module (`bool`): False for the stage-1 (identity only) network.
-        audio_window (`int`), audio_num_layers (`int`), audio_channels (`int`): shape of one frame's wav2vec window.
-        audio_intermediate_dim (`int`), audio_hidden_size (`int`), num_audio_tokens (`int`): audio projection sizes.
-        final_norm_eps (`float`): epsilon of `norm_out.norm`; the official code uses 1e-6 where diffusers uses 1e-5.
-        Other arguments are those of `CogVideoXTransformer3DModel`; the stock-only ones are validated, not used.
-    """
+    # the reference network shares the config and never reaches the cross-attentions (architecture 4)
+    builds_face_and_audio_modules = True
 
     @register_to_config
     def __init__(
@@ -676,6 +581,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         use_learned_positional_embeddings: bool = True,
         patch_size_t: int | None = None,
         ofs_embed_dim: int | None = None,
+        add_face_module: bool = True,
         face_embed_dim: int = 512,
         face_hidden_size: int = 1024,
         num_face_tokens: int = 4,
@@ -688,11 +594,79 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         num_audio_tokens: int = 32,
     ):
         super().__init__()
-        # 5. Conditioning projections, computed once per forward and shared by every block
-        self.face_proj = FaceProjection(face_embed_dim, face_hidden_size, num_face_tokens)
+        if (
+            not (use_rotary_positional_embeddings and use_learned_positional_embeddings)
+            or patch_size_t
+            or ofs_embed_dim
+        ):
+            raise ValueError(
+                "Hallo3 is built on CogVideoX-5B-I2V 1.0 (RoPE and learned positions, no temporal patches, no ofs "
+                "embedding); this config describes another CogVideoX variant."
+            )
+        inner_dim = num_attention_heads * attention_head_dim
+        add_face_module = add_face_module and self.builds_face_and_audio_modules
+        add_audio_module = add_audio_module and self.builds_face_and_audio_modules
+
+        # 1. Patch embedding with learned positions over [text; video]
+        self.patch_embed = Hallo3PatchEmbed(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=inner_dim,
+            text_embed_dim=text_embed_dim,
+            bias=True,
+            sample_width=sample_width,
+            sample_height=sample_height,
+            sample_frames=sample_frames,
+            temporal_compression_ratio=temporal_compression_ratio,
+            max_text_seq_length=max_text_seq_length,
+            use_positional_embeddings=False,
+            use_learned_positional_embeddings=True,
+        )
+        self.embedding_dropout = nn.Dropout(dropout)
+
+        # 2. Time embedding
+        self.time_proj = Timesteps(inner_dim, flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, timestep_activation_fn)
+
+        # 4. Blocks
+        self.transformer_blocks = nn.ModuleList(
+            [
+                Hallo3Block(
+                    dim=inner_dim,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=attention_head_dim,
+                    time_embed_dim=time_embed_dim,
+                    face_hidden_size=face_hidden_size if add_face_module else None,
+                    audio_hidden_size=audio_hidden_size if add_audio_module else None,
+                    dropout=dropout,
+                    activation_fn=activation_fn,
+                    attention_bias=attention_bias,
+                    norm_elementwise_affine=norm_elementwise_affine,
+                    norm_eps=norm_eps,
+                    qk_norm_eps=qk_norm_eps,
+                    ff_inner_dim=ff_inner_dim,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_final = nn.LayerNorm(inner_dim, norm_eps, norm_elementwise_affine)
+
+        # 5. Output: adaLN (shift first) with the official 1e-6 epsilon, then per-patch projection
+        self.norm_out = AdaLayerNorm(
+            embedding_dim=time_embed_dim,
+            output_dim=2 * inner_dim,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=final_norm_eps,
+            chunk_dim=1,
+        )
+        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * out_channels)
+
+        # 3. Conditioning projections, computed once per call (or reused, see `ConditioningTokens`) for all blocks.
+        # Built last, as they always were: a seeded random init (tiny-random, the tests) draws the same weights
+        # and the parameter order (optimizer groups, EMA shards) is unchanged.
+        self.face_proj = FaceProjection(face_embed_dim, face_hidden_size, num_face_tokens) if add_face_module else None
         self.audio_proj = None
         if add_audio_module:
-            num_compressions = int(math.log2(temporal_compression_ratio))
             self.audio_proj = AudioProjection(
                 audio_window,
                 audio_num_layers,
@@ -700,23 +674,86 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
                 audio_intermediate_dim,
                 audio_hidden_size,
                 num_audio_tokens,
-                num_compressions,
+                num_compressions=int(math.log2(temporal_compression_ratio)),
             )
 
-    def reference_key_values(
-        self, reference_hidden_states: list[torch.Tensor]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer reference keys/values from the reference bank. They depend on nothing that changes between
-        denoising steps or clips, so a caller may compute them once per video and pass `reference_key_values`."""
-        if len(reference_hidden_states) != len(self.transformer_blocks):
-            raise ValueError(
-                f"The reference bank has {len(reference_hidden_states)} layers; this transformer has "
-                f"{len(self.transformer_blocks)}. Use the reference network of the same checkpoint."
-            )
-        return [
-            block.attn1.reference_key_value(bank)
-            for block, bank in zip(self.transformer_blocks, reference_hidden_states)
-        ]
+        self.gradient_checkpointing = False
+
+    def embed(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RotaryEmbedding]:
+        """Steps 1 and 2 of `forward`: patch embedding, RoPE tables and time embedding; returns (video tokens, text
+        tokens, temb, rope)."""
+        batch_size, num_frames, _, height, width = hidden_states.shape
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        timestep = timestep.expand(batch_size) if timestep.ndim == 0 else timestep
+
+        tokens = self.embedding_dropout(self.patch_embed(encoder_hidden_states, hidden_states))
+        text_seq_length = encoder_hidden_states.shape[1]
+        p = self.config.patch_size
+        image_rotary_emb = get_3d_rotary_emb(
+            self.config.attention_head_dim,
+            num_frames,
+            height // p,
+            width // p,
+            self.config.rope_theta,
+            device=hidden_states.device,
+        )
+
+        # timesteps carry no weights and always come out f32; the embedding MLP may run in bf16
+        temb = self.time_embedding(self.time_proj(timestep).to(dtype=hidden_states.dtype))
+        return tokens[:, text_seq_length:], tokens[:, :text_seq_length], temb, image_rotary_emb
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache`; a `TaylorSeerCacheConfig` without module patterns gets this model's
+        attention and feed-forward modules (`_taylorseer_cache_identifiers`) instead of patterns that match nothing."""
+        if (
+            isinstance(config, TaylorSeerCacheConfig)
+            and not config.use_lite_mode
+            and config.cache_identifiers is None
+            and config.skip_predict_identifiers is None
+        ):
+            config = dataclasses.replace(config, cache_identifiers=list(self._taylorseer_cache_identifiers))
+        super().enable_cache(config)
+
+    def run_block(self, block: Hallo3Block, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def conditioning_tokens(
+        self,
+        reference_hidden_states: list[torch.Tensor] | None,
+        face_embeds: torch.Tensor | None,
+        audio_embeds: torch.Tensor | None,
+        reuse: ConditioningTokens | None,
+    ) -> ConditioningTokens:
+        """Step 3 of `forward`: each modality's tokens from `reuse` when it holds them, else from the raw input."""
+        reuse = reuse or ConditioningTokens()
+        reference_key_values, face_tokens, audio_tokens = (
+            reuse.reference_key_values,
+            reuse.face_tokens,
+            reuse.audio_tokens,
+        )
+        if reference_key_values is None and reference_hidden_states is not None:
+            if len(reference_hidden_states) != len(self.transformer_blocks):
+                raise ValueError(
+                    f"The reference bank has {len(reference_hidden_states)} layers; this transformer has "
+                    f"{len(self.transformer_blocks)}. Use the reference network of the same checkpoint."
+                )
+            reference_key_values = [
+                block.attn1.reference_key_value(bank)
+                for block, bank in zip(self.transformer_blocks, reference_hidden_states)
+            ]
+        if face_tokens is None and face_embeds is not None:
+            if self.face_proj is None:
+                raise ValueError("`face_embeds` given to a transformer built without face modules.")
+            face_tokens = self.face_proj(face_embeds)
+        if audio_tokens is None and audio_embeds is not None:
+            if self.audio_proj is None:
+                raise ValueError("`audio_embeds` given to a transformer built without audio modules (stage 1).")
+            audio_tokens = self.audio_proj(audio_embeds)
+        return ConditioningTokens(reference_key_values, face_tokens, audio_tokens)
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -727,10 +764,7 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
         reference_hidden_states: list[torch.Tensor] | None = None,
         face_embeds: torch.Tensor | None = None,
         audio_embeds: torch.Tensor | None = None,
-        reference_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        face_tokens: torch.Tensor | None = None,
-        audio_tokens: torch.Tensor | None = None,
-        return_conditioning: bool = False,
+        conditioning_tokens: ConditioningTokens | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> tuple[torch.Tensor] | Hallo3TransformerOutput:
@@ -744,50 +778,36 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
             face_embeds (`torch.Tensor`): identity embedding [B, face_embed_dim].
             audio_embeds (`torch.Tensor`): wav2vec windows [B, pixel frames, window, layers, channels]; zeros give the
                 unconditional audio tokens (`audio_proj(0)`, as the official code does).
-            reference_key_values, face_tokens, audio_tokens: precomputed versions of the three above
-                (`reference_key_values()`, `face_proj(...)`, `audio_proj(...)`); a caller that reuses them across
-                steps skips that work.
-            return_conditioning (`bool`): also return those three as computed here (see `Hallo3TransformerOutput`).
-                Getting them through `forward` keeps diffusers' offload hooks in charge of where weights are.
+            conditioning_tokens (`ConditioningTokens`, *optional*): tokens an earlier call returned; a modality found
+                there is not computed again, and its raw input above is not read.
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters for this call.
 
         Returns:
-            The v-prediction [B, F, out_channels, H, W].
+            `Hallo3TransformerOutput`: the v-prediction [B, F, out_channels, H, W] and the conditioning tokens used.
         """
         batch_size, num_frames, _, height, width = hidden_states.shape
 
-        # 1. Time embedding, 2. patch embedding (+ learned positions) and RoPE
+        # 1. Patch embedding (+ learned positions) and RoPE, 2. time embedding
         hidden_states, encoder_hidden_states, temb, image_rotary_emb = self.embed(
             hidden_states, encoder_hidden_states, timestep
         )
 
         # 3. Conditioning tokens, once for all blocks
-        if reference_key_values is None and reference_hidden_states is not None:
-            reference_key_values = self.reference_key_values(reference_hidden_states)
-        if face_tokens is None and face_embeds is not None:
-            face_tokens = self.face_proj(face_embeds)
-        if audio_tokens is None and audio_embeds is not None:
-            if self.audio_proj is None:
-                raise ValueError("`audio_embeds` given to a transformer built without audio modules (stage 1).")
-            audio_tokens = self.audio_proj(audio_embeds)
-        conditioning = None
-        if return_conditioning:
-            conditioning = dict(
-                reference_key_values=reference_key_values, face_tokens=face_tokens, audio_tokens=audio_tokens
-            )
-        if face_tokens is not None:
-            face_tokens = face_tokens.repeat_interleave(num_frames, dim=0)  # [B*F, M, D], b-major
-        if audio_tokens is not None:
-            if audio_tokens.shape[1] != num_frames:
+        tokens = self.conditioning_tokens(reference_hidden_states, face_embeds, audio_embeds, conditioning_tokens)
+        face_tokens = audio_tokens = None
+        if tokens.face_tokens is not None:
+            face_tokens = tokens.face_tokens.repeat_interleave(num_frames, dim=0)  # [B*F, M, D], b-major
+        if tokens.audio_tokens is not None:
+            if tokens.audio_tokens.shape[1] != num_frames:
                 raise ValueError(
-                    f"The audio covers {audio_tokens.shape[1]} latent frames; the video has {num_frames}. Give "
+                    f"The audio covers {tokens.audio_tokens.shape[1]} latent frames; the video has {num_frames}. Give "
                     f"{(num_frames - 1) * self.config.temporal_compression_ratio + 1} pixel frames of audio."
                 )
-            audio_tokens = audio_tokens.flatten(0, 1)  # [B*F, M, D], b-major
+            audio_tokens = tokens.audio_tokens.flatten(0, 1)  # [B*F, M, D], b-major
 
         # 4. Blocks
         for i, block in enumerate(self.transformer_blocks):
-            reference_key_value = reference_key_values[i] if reference_key_values is not None else None
+            reference_key_value = tokens.reference_key_values[i] if tokens.reference_key_values is not None else None
             hidden_states, encoder_hidden_states = self.run_block(
                 block,
                 hidden_states,
@@ -808,64 +828,32 @@ class Hallo3Transformer3DModel(Hallo3TransformerBase):
 
         if not return_dict:
             return (output,)
-        return Hallo3TransformerOutput(sample=output, conditioning=conditioning)
+        return Hallo3TransformerOutput(sample=output, conditioning_tokens=tokens)
 
 
-class Hallo3ReferenceNet(Hallo3TransformerBase):
+class Hallo3ReferenceNet(Hallo3Transformer3DModel):
     """The reference network: the stock CogVideoX-5B-I2V transformer run on one latent frame (architecture 4).
 
+    The denoiser's config and modules, without the face and audio ones (their arguments are accepted and ignored).
     Its forward returns the bank, the per-layer modulated image tokens that enter each block's self-attention
     ([B, N_ref, D] per layer). It stops once it has the last layer's tokens: the rest of the network does not touch
     the bank. The output layers are kept so that stock and converted checkpoints load strictly.
     """
 
-    @register_to_config
-    def __init__(
-        self,
-        num_attention_heads: int = 48,
-        attention_head_dim: int = 64,
-        in_channels: int = 32,
-        out_channels: int = 16,
-        flip_sin_to_cos: bool = True,
-        freq_shift: int = 0,
-        time_embed_dim: int = 512,
-        text_embed_dim: int = 4096,
-        num_layers: int = 42,
-        dropout: float = 0.0,
-        attention_bias: bool = True,
-        sample_width: int = 90,
-        sample_height: int = 60,
-        sample_frames: int = 49,
-        patch_size: int = 2,
-        temporal_compression_ratio: int = 4,
-        max_text_seq_length: int = 226,
-        activation_fn: str = "gelu-approximate",
-        timestep_activation_fn: str = "silu",
-        norm_elementwise_affine: bool = True,
-        norm_eps: float = 1e-5,
-        final_norm_eps: float = 1e-6,
-        qk_norm_eps: float = 1e-6,
-        ff_inner_dim: int | None = None,
-        rope_theta: float = 10000.0,
-        use_rotary_positional_embeddings: bool = True,
-        use_learned_positional_embeddings: bool = True,
-        patch_size_t: int | None = None,
-        ofs_embed_dim: int | None = None,
-    ):
-        super().__init__()
+    builds_face_and_audio_modules = False
 
     @apply_lora_scale("attention_kwargs")
-    def forward(
+    def forward(  # type: ignore[override]  # same inputs up to step 2, returns the bank
         self,
-        hidden_states: torch.Tensor,
+        reference_latents: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         timestep: torch.Tensor | float = 0.0,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> list[torch.Tensor]:
         """
         Args:
-            hidden_states (`torch.Tensor`): [B, 1, C_in, H, W]; at inference the masked reference latent concatenated
-                with itself on channels.
+            reference_latents (`torch.Tensor`): [B, 1, C, H, W], the masked reference latent. The network sees it
+                twice on channels, where the denoiser sees the noisy latent beside the image latent (architecture 4.2).
             encoder_hidden_states (`torch.Tensor`): [B, S, text_embed_dim]; zeros at inference (architecture 12.9).
             timestep: 0 at inference and in training.
             attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters for this call.
@@ -873,9 +861,12 @@ class Hallo3ReferenceNet(Hallo3TransformerBase):
         Returns:
             `list[torch.Tensor]`: the bank, one [B, F*h*w, D] tensor per layer.
         """
+        hidden_states = torch.cat([reference_latents, reference_latents], dim=2)
+        # 1. Patch embedding (+ learned positions) and RoPE, 2. time embedding
         hidden_states, encoder_hidden_states, temb, image_rotary_emb = self.embed(
             hidden_states, encoder_hidden_states, timestep
         )
+        # 4. Blocks, up to the last block's modulated input
         bank = []
         last = len(self.transformer_blocks) - 1
         for i, block in enumerate(self.transformer_blocks):

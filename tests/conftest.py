@@ -76,8 +76,8 @@ def tiny_pipeline():
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(tiny_pipeline):
-    from hallo3.inference import Hallo3Generator
+def tiny_animator(tiny_pipeline):
+    from hallo3.inference import PortraitAnimator
     from hallo3.loading import LoadedModel
 
-    return Hallo3Generator(LoadedModel(tiny_pipeline, "tiny-random", is_random=True), "cpu")
+    return PortraitAnimator(LoadedModel(tiny_pipeline, "tiny-random", is_random=True), "cpu")

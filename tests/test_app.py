@@ -28,9 +28,9 @@ def speech_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_generator, tmp_path_factory):
+def server(tiny_animator, tmp_path_factory):
     app = app_module.Hallo3App(
-        tiny_generator, "tiny-random", "cpu", tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0
+        tiny_animator, "tiny-random", "cpu", tmp_path_factory.mktemp("outputs"), max_audio_seconds=5.0
     )
     demo = app_module.build_demo(app, is_random=True, memory_modes=["none"])
     demo.queue(default_concurrency_limit=1)
@@ -200,7 +200,7 @@ def test_real_browser_generate_then_ablation(server, speech_file):
         browser.close()
 
 
-def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_generator, tmp_path, monkeypatch):
+def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_animator, tmp_path, monkeypatch):
     """The app, for a job it was running: asked again with the same inputs and seed, it computes only the clips the
     failure lost, and the video is the one an unbroken job makes."""
     from hallo3.preprocessing.audio import ffmpeg_exe
@@ -209,7 +209,7 @@ def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_gener
     t = np.arange(int(16000 * 3.0)) / 16000  # 75 frames: 2 clips
     soundfile.write(speech, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
     settings = lambda: app_module.slider_settings("", 3.5, 3.5, 2, 1, 11)  # noqa: E731
-    pipeline = tiny_generator.pipeline
+    pipeline = tiny_animator.pipeline
     decode = pipeline.decode_latents
     calls = []
 
@@ -219,7 +219,7 @@ def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_gener
             raise RuntimeError("CUDA out of memory")
         return decode(latents)
 
-    app = app_module.Hallo3App(tiny_generator, "tiny-random", "cpu", tmp_path / "outputs")
+    app = app_module.Hallo3App(tiny_animator, "tiny-random", "cpu", tmp_path / "outputs")
     monkeypatch.setattr(pipeline, "decode_latents", failing_second_clip)
     with pytest.raises(Exception, match="Internal error"):
         app.run(str(ASSETS / "0001.jpg"), str(speech), settings())
@@ -228,7 +228,7 @@ def test_a_job_that_failed_part_way_continues_from_its_finished_clips(tiny_gener
     assert len(calls) == 1  # only the lost clip
 
     monkeypatch.setattr(pipeline, "decode_latents", decode)
-    fresh = app_module.Hallo3App(tiny_generator, "tiny-random", "cpu", tmp_path / "fresh").run(
+    fresh = app_module.Hallo3App(tiny_animator, "tiny-random", "cpu", tmp_path / "fresh").run(
         str(ASSETS / "0001.jpg"), str(speech), settings()
     )
 

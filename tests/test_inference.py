@@ -190,12 +190,12 @@ def test_batch_mode_reports_a_failed_job_and_finishes_the_others(tmp_path, capsy
     assert probe_video(tmp_path / "videos" / made[0])["num_frames"] == 30
 
 
-def test_batch_jobs_are_split_across_processes(tmp_path, tiny_generator):
+def test_batch_jobs_are_split_across_processes(tmp_path, tiny_animator):
     short_speech(tmp_path / "a.wav", 0.5)
     jobs = [("p", ASSETS / "0001.jpg", tmp_path / "a.wav") for _ in range(3)]
     settings = GenerationSettings(num_inference_steps=1, seed=0)
     (tmp_path / "rank1").mkdir()
-    assert run_batch(tiny_generator, jobs, tmp_path / "rank1", settings, process_index=1, num_processes=2) == 0
+    assert run_batch(tiny_animator, jobs, tmp_path / "rank1", settings, process_index=1, num_processes=2) == 0
     assert [p.name for p in (tmp_path / "rank1").iterdir()] == ["001-0001-a.mp4"]
 
 
@@ -205,7 +205,7 @@ def test_input_list_format_errors_name_the_line(tmp_path):
         read_input_list(tmp_path / "jobs.txt")
 
 
-def test_a_failure_mid_video_leaves_no_video_and_keeps_the_finished_clip(tmp_path, tiny_generator, monkeypatch):
+def test_a_failure_mid_video_leaves_no_video_and_keeps_the_finished_clip(tmp_path, tiny_animator, monkeypatch):
     calls = []
 
     def failing_decode(latents):
@@ -214,10 +214,10 @@ def test_a_failure_mid_video_leaves_no_video_and_keeps_the_finished_clip(tmp_pat
             raise RuntimeError("out of memory")
         return original(latents)
 
-    original = tiny_generator.pipeline.decode_latents
-    monkeypatch.setattr(tiny_generator.pipeline, "decode_latents", failing_decode)
+    original = tiny_animator.pipeline.decode_latents
+    monkeypatch.setattr(tiny_animator.pipeline, "decode_latents", failing_decode)
     with pytest.raises(RuntimeError, match="out of memory"):
-        tiny_generator.generate(
+        tiny_animator.generate(
             ASSETS / "0001.jpg",
             short_speech(tmp_path / "a.wav", 2.5),
             tmp_path / "v.mp4",

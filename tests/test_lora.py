@@ -52,7 +52,7 @@ def reference_batch(reference_net):
     c = reference_net.config
 
     def forward(generator):
-        latents = torch.randn(1, 1, c.in_channels, c.sample_height, c.sample_width, generator=generator)
+        latents = torch.randn(1, 1, c.out_channels, c.sample_height, c.sample_width, generator=generator)
         return reference_net(latents, torch.zeros(1, c.max_text_seq_length, c.text_embed_dim))
 
     return forward

@@ -212,7 +212,7 @@ def test_reusing_conditioning_changes_nothing(tiny_pipeline):
     original = tiny_pipeline.transformer.forward
 
     def no_reuse(*args, **kwargs):
-        kwargs["return_conditioning"] = False
+        kwargs["conditioning_tokens"] = None
         return original(*args, **kwargs)
 
     tiny_pipeline.transformer.forward = no_reuse

@@ -93,19 +93,30 @@ def test_save_load_round_trip(tmp_path):
 
 @torch.no_grad()
 def test_precomputed_conditioning_gives_the_same_output():
-    """Reference K/V, face and audio tokens may be computed once per video/clip and passed in."""
+    """The tokens one call returns, passed to the next, replace the raw inputs exactly; they are the projections of
+    those inputs (written out here), and the raw inputs are then not read."""
     model = Hallo3Transformer3DModel(**TINY_TRANSFORMER).eval()
     inputs = tiny_inputs()
-    expected = model(**inputs).sample
-    precomputed = model(
-        inputs["hidden_states"],
-        inputs["encoder_hidden_states"],
-        inputs["timestep"],
-        reference_key_values=model.reference_key_values(inputs["reference_hidden_states"]),
-        face_tokens=model.face_proj(inputs["face_embeds"]),
-        audio_tokens=model.audio_proj(inputs["audio_embeds"]),
-    ).sample
-    assert torch.equal(precomputed, expected)
+    first = model(**inputs)
+    tokens = first.conditioning_tokens
+    torch.testing.assert_close(tokens.face_tokens, model.face_proj(inputs["face_embeds"]), rtol=0, atol=0)
+    torch.testing.assert_close(tokens.audio_tokens, model.audio_proj(inputs["audio_embeds"]), rtol=0, atol=0)
+    for block, bank, (key, value) in zip(
+        model.transformer_blocks, inputs["reference_hidden_states"], tokens.reference_key_values
+    ):
+        attn = block.attn1
+        assert torch.equal(key, attn.norm_k(attn.to_k(bank).unflatten(-1, (attn.heads, -1))))
+        assert torch.equal(value, attn.to_v(bank).unflatten(-1, (attn.heads, -1)))
+    raw_gone = {**inputs, "reference_hidden_states": None, "face_embeds": None, "audio_embeds": None}
+    assert torch.equal(model(**raw_gone, conditioning_tokens=tokens).sample, first.sample)
+    ignored = {**inputs, "face_embeds": torch.randn_like(inputs["face_embeds"])}
+    assert torch.equal(model(**ignored, conditioning_tokens=tokens).sample, first.sample)
+    # per clip: the video part is kept and new audio is projected
+    new_audio = {**raw_gone, "audio_embeds": inputs["audio_embeds"].flip(1)}
+    assert torch.equal(
+        model(**new_audio, conditioning_tokens=tokens.without_audio()).sample,
+        model(**{**inputs, "audio_embeds": new_audio["audio_embeds"]}).sample,
+    )
 
 
 @torch.no_grad()
@@ -139,12 +150,12 @@ def test_mismatched_audio_length_is_a_clear_error():
 @torch.no_grad()
 def test_reference_net_bank_is_the_modulated_input_of_each_block():
     reference_net = Hallo3ReferenceNet(**TINY_STOCK).eval()
-    latent = torch.randn(1, 1, 32, 8, 12)
+    latent = torch.randn(1, 1, 16, 8, 12)
     text = torch.zeros(1, 8, 32)
     bank = reference_net(latent, text, 0.0)
     assert len(bank) == 2 and bank[0].shape == (1, 24, 64)
-    # layer 0's bank: norm1 applied to the patch-embedded tokens
-    video, text_tokens, temb, _ = reference_net.embed(latent, text, 0.0)
+    # layer 0's bank: norm1 applied to the patch-embedded tokens of the latent seen twice on channels (architecture 4.2)
+    video, text_tokens, temb, _ = reference_net.embed(torch.cat([latent, latent], dim=2), text, 0.0)
     torch.testing.assert_close(bank[0], reference_net.transformer_blocks[0].norm1(video, text_tokens, temb)[0])
 
 

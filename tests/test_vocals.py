@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from hallo3.inference import GenerationSettings, Hallo3Generator
+from hallo3.inference import GenerationSettings, PortraitAnimator
 from hallo3.loading import LoadedModel
 from hallo3.video_io import probe_video
 
@@ -69,9 +69,9 @@ def test_vocals_are_separated_unless_turned_off_and_the_video_says_which(
 
     monkeypatch.setattr(type(tiny_pipeline), "__call__", listening_call)
     stems_before = set(Path(tempfile.gettempdir()).glob("hallo3-vocals-*"))
-    generator = Hallo3Generator(LoadedModel(tiny_pipeline, "tiny", vocal_separator_dir=separator_folder), "cpu")
+    animator = PortraitAnimator(LoadedModel(tiny_pipeline, "tiny", vocal_separator_dir=separator_folder), "cpu")
     settings = GenerationSettings(num_inference_steps=1, seed=0, separate_vocals=separate)
-    result = generator.generate(ASSETS / "0001.jpg", tmp_path / "speech.wav", tmp_path / "v.mp4", settings)
+    result = animator.generate(ASSETS / "0001.jpg", tmp_path / "speech.wav", tmp_path / "v.mp4", settings)
 
     if separate:
         assert StandInSeparator.calls and heard[0] == pytest.approx(0.2, abs=0.01)  # wav2vec2 heard the vocals
@@ -84,9 +84,9 @@ def test_vocals_are_separated_unless_turned_off_and_the_video_says_which(
     assert set(Path(tempfile.gettempdir()).glob("hallo3-vocals-*")) == stems_before  # the stem's folder is removed
 
 
-def test_without_the_model_folder_the_reason_is_given(tmp_path, tiny_generator):
+def test_without_the_model_folder_the_reason_is_given(tmp_path, tiny_animator):
     t = np.arange(16000) / 16000
     soundfile.write(tmp_path / "speech.wav", (0.4 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
     settings = GenerationSettings(num_inference_steps=1, seed=0)
-    result = tiny_generator.generate(ASSETS / "0001.jpg", tmp_path / "speech.wav", tmp_path / "v.mp4", settings)
+    result = tiny_animator.generate(ASSETS / "0001.jpg", tmp_path / "speech.wav", tmp_path / "v.mp4", settings)
     assert result.inputs["vocals"] == "not separated (no audio_separator model folder)"

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from hallo3.conditioning import audio_windows
+from hallo3.clip_loop import audio_windows
 
 
 # what reading a damaged sample raises: truncated or missing files (PIL, open), bad safetensors, bad shapes

@@ -36,7 +36,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
-from hallo3.conditioning import motion_frame_mask
+from hallo3.clip_loop import motion_frame_mask
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler
 from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
@@ -211,8 +211,8 @@ class Hallo3TrainingModel(torch.nn.Module):
             hidden_states (`torch.Tensor`): noisy latents and image latents on channels, [B, F, 2C, h, w].
             encoder_hidden_states (`torch.Tensor`): caption embeddings [B, S, D], also the reference net's text.
             timestep (`torch.Tensor`): [B].
-            reference_latents (`torch.Tensor`): the masked reference latent twice on channels, [B, 1, 2C, h, w],
-                seen by the reference net at t = 0.
+            reference_latents (`torch.Tensor`): the masked reference latent [B, 1, C, h, w], seen by the reference
+                net at t = 0.
             face_embeds (`torch.Tensor`): [B, 512]. audio_embeds (`torch.Tensor`, *optional*): stage 2 windows.
 
         Returns:
@@ -556,7 +556,7 @@ class Hallo3Loss:
             torch.cat([noisy, image_latents], dim=2).to(self.dtype),
             text.to(self.dtype),
             timesteps.float(),
-            torch.cat([reference_latent, reference_latent], dim=2).to(self.dtype),
+            reference_latent.to(self.dtype),
             batch["face_emb"].to(self.dtype),
             audio,
         )
@@ -807,7 +807,7 @@ def validation_transformer(transformer: Hallo3Transformer3DModel) -> Hallo3Trans
 
 def validate(accelerator: Accelerator, config: TrainConfig, models: LoadedModels, model, step: int) -> None:
     """A video from the current weights through Hallo3Pipeline (main process; unsharded weights only)."""
-    from hallo3.inference import GenerationSettings, Hallo3Generator
+    from hallo3.inference import GenerationSettings, PortraitAnimator
     from hallo3.loading import LoadedModel, build_tiny_random_pipeline
     from hallo3.pipeline_hallo3 import Hallo3Pipeline
 
@@ -839,7 +839,7 @@ def validate(accelerator: Accelerator, config: TrainConfig, models: LoadedModels
         wav2vec,
     )
     pipeline.set_progress_bar_config(disable=True)
-    generator = Hallo3Generator(LoadedModel(pipeline, f"training step {step}"), accelerator.device)
+    animator = PortraitAnimator(LoadedModel(pipeline, f"training step {step}"), accelerator.device)
     output = Path(config.output_dir) / "validation" / f"step-{step:06d}.mp4"
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = GenerationSettings(
@@ -852,7 +852,7 @@ def validate(accelerator: Accelerator, config: TrainConfig, models: LoadedModels
     model.eval()
     try:
         with accelerator.autocast():  # bf16 runs keep trained weights in fp32 next to bf16 frozen ones
-            generator.generate(config.validation_image, config.validation_audio, output, settings)
+            animator.generate(config.validation_image, config.validation_audio, output, settings)
     finally:
         model.train(was_training)
     logger.info(f"validation video: {output}")

@@ -2,7 +2,7 @@
 
 import torch
 
-from hallo3.conditioning import audio_windows, clip_audio_indices, gather_clip_audio, num_clips
+from hallo3.clip_loop import audio_windows, clip_audio_indices, gather_clip_audio, num_clips
 
 
 def test_windows_are_neighbours_clamped_at_the_ends():
