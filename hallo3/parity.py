@@ -81,8 +81,8 @@ def check_forward(engine: RecordedEngine, inputs: dict, recorded: dict, report: 
     transformer = engine.transformer
     for i, bank in enumerate(engine.bank):
         report.compare(f"fwd.ref_bank.{i}", bank, recorded[f"fwd.ref_bank.{i}"])
-    if transformer.audio_proj is None:
-        raise CheckpointError("the fixture's denoiser has no audio modules; parity needs the stage-2 network.")
+    if transformer.audio_proj is None or transformer.face_proj is None:
+        raise CheckpointError("the fixture's denoiser lacks face or audio modules; parity needs the stage-2 network.")
     report.compare("fwd.audio_tokens", transformer.audio_proj(engine.audio), recorded["fwd.audio_tokens"])
     report.compare("fwd.face_tokens", transformer.face_proj(engine.face), recorded["fwd.face_tokens"])
 

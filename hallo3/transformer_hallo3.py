@@ -548,6 +548,8 @@ class Hallo3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheM
     ]
     # the reference network shares the config and never reaches the cross-attentions (architecture 4)
     builds_face_and_audio_modules = True
+    # declared for type checkers: an nn.ModuleList yields plain Modules, these are Hallo3Blocks
+    transformer_blocks: Any
 
     @register_to_config
     def __init__(
