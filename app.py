@@ -28,8 +28,8 @@ from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings,
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
-from hallo3.pipeline_hallo3 import MAX_MOTION_FRAMES
 from hallo3.resumable import fingerprint
+from hallo3.settings import DEFAULTS, MAX_MOTION_FRAMES, SettingError
 
 
 try:  # ZeroGPU on a Hugging Face Space; a no-op elsewhere
@@ -58,7 +58,6 @@ EXAMPLES = [
     ],
 ]
 MAX_VARIANTS = 4
-DEFAULTS = GenerationSettings()  # the one source of the generation defaults (sliders, examples)
 EXAMPLE_SEED = 42
 OUTPUT_TTL_SECONDS = 3600
 # axis label -> (GenerationSettings field, how to read one value, default values)
@@ -72,6 +71,8 @@ ABLATION_AXES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "steps": ("num_inference_steps", int, "10, 25, 50"),
     "seed": ("seed", int, "0, 1, 2"),
 }
+# setting -> how the page names it (the ablation axes; the sliders cannot leave their rules' ranges)
+SETTING_LABELS = {field: label for label, (field, _, _) in ABLATION_AXES.items()}
 RANDOM_BANNER = (
     "⚠️ **Demo mode: tiny random model.** The videos below come from random weights and look like noise; they only "
     "show that the whole path works. To run the real Hallo3: download the official weights "
@@ -190,6 +191,9 @@ class Hallo3App:
                     names=(image_name, audio_name),
                     resume=True,
                 )
+        except SettingError as error:  # named as the page names it
+            logger.info("refused a request: %s", error)
+            raise gr.Error(error.naming(SETTING_LABELS.get(error.name, error.name))) from None
         except (*INPUT_ERRORS, ValueError) as error:
             logger.info("refused a request: %s", error)
             raise gr.Error(str(error)) from None

@@ -26,11 +26,11 @@ from .convert_sat_checkpoint import CheckpointError
 from .interrupts import Interrupted, stop_on_signals
 from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
 from .memory import MEMORY_MODES, available_memory_modes
-from .pipeline_hallo3 import MAX_MOTION_FRAMES
 from .preprocessing.audio import AudioError, load_audio, vocals_for_wav2vec
 from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
 from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
 from .resumable import ResumableVideo, ResumeError, fingerprint, run_folder, saved_seed
+from .settings import DEFAULTS, GenerationSettings, SettingError
 
 
 logger = logging.getLogger("hallo3")
@@ -41,61 +41,6 @@ class OutputError(ValueError):
 
 
 INPUT_ERRORS = (ImageError, FaceError, AudioError, OutputError, ModelSourceError, CheckpointError, ResumeError)
-MAX_INFERENCE_STEPS = 1000  # the sampler selects its steps among the 1000 training timesteps
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that decides the video besides the input files; the one place inference defaults live."""
-
-    prompt: str = ""
-    num_inference_steps: int = 50
-    guidance_scale: float = 3.5
-    audio_guidance_scale: float | None = None  # None: the official joint guidance
-    use_dynamic_cfg: bool = False
-    motion_frames: int = 2
-    seed: int | None = None  # None: a fresh random seed, reported in the result
-    max_audio_seconds: float | None = 600.0
-    separate_vocals: bool = True  # the official behaviour, when the separator model is present
-    disable_reference: bool = False
-    disable_face_embedding: bool = False
-    disable_audio: bool = False
-
-    def pipeline_kwargs(self) -> dict:
-        """The settings `Hallo3Pipeline.__call__` takes under the same names (the rest is for the file side)."""
-        file_side = ("seed", "max_audio_seconds", "separate_vocals")
-        return {k: v for k, v in asdict(self).items() if k not in file_side}
-
-    def validate(self) -> None:
-        """Every rule on the settings, before any file is read or model loaded; a ValueError names the broken one."""
-        finite = math.isfinite
-        rules = [
-            (
-                1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS,
-                f"steps must be 1..{MAX_INFERENCE_STEPS}, got {self.num_inference_steps}",
-            ),
-            (
-                finite(self.guidance_scale) and self.guidance_scale >= 1,
-                f"guidance scale must be a number >= 1, got {self.guidance_scale}",
-            ),
-            (
-                self.audio_guidance_scale is None
-                or (finite(self.audio_guidance_scale) and self.audio_guidance_scale >= 0),
-                f"audio guidance scale must be a number >= 0, got {self.audio_guidance_scale}",
-            ),
-            (
-                0 <= self.motion_frames <= MAX_MOTION_FRAMES,
-                f"motion frames must be 0..{MAX_MOTION_FRAMES} (2 as trained), got {self.motion_frames}",
-            ),
-            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}"),
-            (
-                self.max_audio_seconds is None or (finite(self.max_audio_seconds) and self.max_audio_seconds > 0),
-                f"the maximum audio length must be a positive number of seconds, got {self.max_audio_seconds}",
-            ),
-        ]
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass
@@ -317,13 +262,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -332,7 +270,7 @@ def finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = GenerationSettings()  # the one source of the generation defaults
+    # flags whose `dest` is a GenerationSettings field take its default and are checked by its rules, not here
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
@@ -342,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="T5/VAE source for converted folders")
     parser.add_argument("--image", type=Path, help="portrait photo")
     parser.add_argument("--audio", type=Path, help="speech recording (wav, mp3, flac, m4a, ogg, ...)")
-    parser.add_argument("--prompt", default=defaults.prompt, help="what the scene looks like")
+    parser.add_argument("--prompt", default=DEFAULTS.prompt, help="what the scene looks like")
     parser.add_argument("--output", type=Path, help="output .mp4")
     parser.add_argument("--input-list", type=Path, help="batch: lines prompt@@image@@audio (paths relative to it)")
     parser.add_argument("--output-dir", type=Path, help="batch: folder for the videos")
@@ -350,17 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing output (or a stopped run's clips)"
     )
     parser.add_argument("--resume", action="store_true", help="continue a stopped run from its last finished clip")
-    parser.add_argument("--steps", type=positive_int, default=defaults.num_inference_steps, help="steps per clip")
     parser.add_argument(
-        "--guidance-scale", type=finite_float, default=defaults.guidance_scale, help="joint text+audio guidance"
+        "--steps", dest="num_inference_steps", type=int, default=DEFAULTS.num_inference_steps, help="steps per clip"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=DEFAULTS.guidance_scale, help="joint text+audio guidance"
     )
     parser.add_argument(
         "--audio-guidance-scale",
-        type=finite_float,
-        default=defaults.audio_guidance_scale,
+        type=float,
+        default=DEFAULTS.audio_guidance_scale,
         help="separate audio guidance (adds a third branch unless equal to --guidance-scale)",
     )
-    parser.add_argument("--dynamic-cfg", action="store_true", help="ramp guidance from 1 over the steps")
+    parser.add_argument(
+        "--dynamic-cfg", dest="use_dynamic_cfg", action="store_true", help="ramp guidance from 1 over the steps"
+    )
     parser.add_argument(
         "--no-vocal-separation",
         dest="separate_vocals",
@@ -368,16 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="give wav2vec2 the audio as it is (by default vocals are separated when the separator model is present)",
     )
     parser.add_argument(
-        "--motion-frames",
-        type=int,
-        default=defaults.motion_frames,
-        choices=range(0, MAX_MOTION_FRAMES + 1),
-        metavar=f"{{0..{MAX_MOTION_FRAMES}}}",
-        help="frames carried between clips (2 as trained)",
+        "--motion-frames", type=int, default=DEFAULTS.motion_frames, help="frames carried between clips (2 as trained)"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: a fresh one, reported)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (default: a fresh one, reported)")
     parser.add_argument(
-        "--max-audio-seconds", type=finite_float, default=defaults.max_audio_seconds, help="refuse longer audio"
+        "--max-audio-seconds", type=float, default=DEFAULTS.max_audio_seconds, help="refuse longer audio"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -492,20 +429,14 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    settings = GenerationSettings(
-        prompt=args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        audio_guidance_scale=args.audio_guidance_scale,
-        use_dynamic_cfg=args.dynamic_cfg,
-        motion_frames=args.motion_frames,
-        seed=args.seed,
-        max_audio_seconds=args.max_audio_seconds,
-        separate_vocals=args.separate_vocals,
-    )
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    settings = GenerationSettings(**{name: getattr(args, name) for name in asdict(DEFAULTS) if name in flags})
     try:
         with stop_on_signals():
             return run_cli(args, settings, batch)
+    except SettingError as error:
+        print(f"error: {error.naming(flags.get(error.name, error.name))}", file=sys.stderr)
+        return 2
     except (*INPUT_ERRORS, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

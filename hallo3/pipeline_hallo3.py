@@ -34,13 +34,13 @@ from .parallel import CFGParallel
 from .preprocessing.audio import AudioEncoder
 from .remote_code import push_folder, resolve_for_installed_package, write_remote_code
 from .scheduling_hallo3 import Hallo3DPMScheduler
+from .settings import DEFAULTS, check_settings
 from .transformer_hallo3 import ConditioningTokens, Hallo3ReferenceNet, Hallo3Transformer3DModel
 
 
 logger = logging.get_logger(__name__)
 
 ImageInput: TypeAlias = PIL.Image.Image | np.ndarray | torch.Tensor
-MAX_MOTION_FRAMES = 3
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 # T5 length of CogVideoX, used when no transformer is loaded to say otherwise (a prompt-encoding pipeline)
 DEFAULT_TEXT_LENGTH = 226
@@ -321,19 +321,12 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
             raise ValueError(f"`image` must be a PIL image, an array or a tensor, got {type(image).__name__}.")
         if not isinstance(audio, (np.ndarray, torch.Tensor)) or audio.ndim != 1 or len(audio) == 0:
             raise ValueError("`audio` must be a non-empty mono waveform at 16 kHz (1-D array or tensor).")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
-        if guidance_scale < 1 or (audio_guidance_scale is not None and audio_guidance_scale < 0):
-            raise ValueError(
-                f"`guidance_scale` must be >= 1 and `audio_guidance_scale` >= 0; got {guidance_scale} and "
-                f"{audio_guidance_scale}."
-            )
-        if not 0 <= motion_frames <= MAX_MOTION_FRAMES:
-            raise ValueError(
-                f"`motion_frames` must be 0..{MAX_MOTION_FRAMES} (2 as trained), got {motion_frames}. The causal VAE "
-                f"folds the reference frame and up to {MAX_MOTION_FRAMES} motion frames into the one conditioning "
-                f"latent frame the model was trained with; {MAX_MOTION_FRAMES + 1} or more would spill into a second."
-            )
+        check_settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            audio_guidance_scale=audio_guidance_scale,
+            motion_frames=motion_frames,
+        )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}.")
         if output_type == "latent" and on_frames is not None:
@@ -477,21 +470,21 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         audio: np.ndarray | torch.Tensor,
         reference_image: ImageInput | None = None,
         face_embeds: torch.Tensor | np.ndarray | None = None,
-        prompt: str = "",
-        num_inference_steps: int = 50,
-        guidance_scale: float = 3.5,
-        audio_guidance_scale: float | None = None,
-        use_dynamic_cfg: bool = False,
-        motion_frames: int = 2,
+        prompt: str = DEFAULTS.prompt,
+        num_inference_steps: int = DEFAULTS.num_inference_steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
+        audio_guidance_scale: float | None = DEFAULTS.audio_guidance_scale,
+        use_dynamic_cfg: bool = DEFAULTS.use_dynamic_cfg,
+        motion_frames: int = DEFAULTS.motion_frames,
         generator: torch.Generator | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         on_frames: Callable[[np.ndarray], None] | None = None,
         callback_on_step_end: Callable[["Hallo3Pipeline", int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
-        disable_reference: bool = False,
-        disable_face_embedding: bool = False,
-        disable_audio: bool = False,
+        disable_reference: bool = DEFAULTS.disable_reference,
+        disable_face_embedding: bool = DEFAULTS.disable_face_embedding,
+        disable_audio: bool = DEFAULTS.disable_audio,
         negative_prompt: str | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -512,6 +505,7 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 None or equal to `guidance_scale`, the official two-branch guidance runs and no extra pass is made.
             use_dynamic_cfg: ramp both scales from 1 to their value over the steps (`dynamic_guidance_scale`).
             motion_frames: frames each clip takes from the previous one (2 as trained; 0..3 supported).
+            Defaults and limits of these settings: `hallo3.settings`.
             generator: drives the motion masks, VAE posterior samples, initial noise and sampler noise.
             output_type: "np", "pt", "pil" or "latent" (see `Hallo3PipelineOutput`).
             on_frames: called with each clip's new frames as uint8 [n, H, W, 3] as soon as they are decoded; the

@@ -138,6 +138,27 @@ def test_ablation_returns_one_video_per_variant(client, speech_file):
     assert "| 7.5 |" in summary
 
 
+def test_a_setting_out_of_its_range_is_named_as_the_page_names_it(client, speech_file):
+    """The settings' one validator refuses the value; the page names the axis, and the app keeps serving."""
+    from gradio_client import handle_file
+
+    with pytest.raises(Exception, match=r"CFG scale: must be a finite number >= 1, got 0\.5"):
+        client.predict(
+            handle_file(str(ASSETS / "0001.jpg")),
+            handle_file(str(speech_file)),
+            "",
+            "CFG scale",
+            "0.5, 3.5",
+            3.5,
+            3.5,
+            2,
+            1,
+            3,
+            api_name="/ablation",
+        )
+    assert client.predict(*generate_args(ASSETS / "0001.jpg", speech_file), api_name="/generate")
+
+
 def test_only_its_own_files_are_served(server):
     base = server.rstrip("/")
     for path in ("/etc/passwd", str(Path(app_module.__file__).resolve())):

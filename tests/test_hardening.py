@@ -64,12 +64,12 @@ def base_args(good, *extra) -> list[str]:
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--guidance-scale", "inf", "--guidance-scale: must be a finite number"),
-        ("--audio-guidance-scale", "inf", "--audio-guidance-scale: must be a finite number"),
-        ("--guidance-scale", "nan", "--guidance-scale: must be a finite number"),
-        ("--max-audio-seconds", "nan", "--max-audio-seconds: must be a finite number"),
-        ("--max-audio-seconds", "-5", "maximum audio length must be a positive number"),
-        ("--steps", "100000", "steps must be 1..1000"),
+        ("--guidance-scale", "inf", "--guidance-scale: must be a finite number >= 1, got inf."),
+        ("--audio-guidance-scale", "inf", "--audio-guidance-scale: must be a finite number >= 0"),
+        ("--guidance-scale", "nan", "--guidance-scale: must be a finite number >= 1, got nan."),
+        ("--max-audio-seconds", "nan", "--max-audio-seconds: must be a positive, finite number of seconds"),
+        ("--max-audio-seconds", "-5", "--max-audio-seconds: must be a positive, finite number of seconds"),
+        ("--steps", "100000", "--steps: must be a whole number of steps in 1..1000, got 100000."),
     ],
 )
 def test_non_finite_and_out_of_range_numbers_are_refused(good, capsys, flag, value, message):
@@ -97,7 +97,7 @@ def test_no_face_and_bad_steps_are_refused_before_the_model_loads(tmp_path, good
     code, err = run_cli([*argv, "--image", str(wall)], capsys)
     assert_one_line_error(code, err, "no face found")
     code, err = run_cli([*argv, "--image", good["image"], "--steps", "5000"], capsys)
-    assert_one_line_error(code, err, "steps must be 1..1000")
+    assert_one_line_error(code, err, "--steps: must be a whole number of steps in 1..1000")
 
 
 @pytest.mark.parametrize("damage", ["bad config.json", "truncated safetensors"])

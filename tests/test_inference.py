@@ -110,15 +110,15 @@ def bad_input_cases(tmp_path):
         ),
         "bad steps": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--steps", "0"],
-            "--steps: must be >= 1",
+            "--steps: must be a whole number of steps in 1..1000, got 0.",
         ),
         "bad motion frames": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--motion-frames", "5"],
-            "--motion-frames",
+            "--motion-frames: must be 0..3 (2 as trained",
         ),
         "bad guidance": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--guidance-scale", "0.2"],
-            "guidance scale must be a number >= 1",
+            "--guidance-scale: must be a finite number >= 1, got 0.2.",
         ),
         "too long audio": (
             ["--image", str(good_image), "--audio", str(good_audio), "--output", out, "--max-audio-seconds", "0.5"],

@@ -136,8 +136,9 @@ def test_reference_net_runs_once_per_video(tiny_pipeline):
     "kwargs, message",
     [
         ({"motion_frames": 4}, "motion_frames` must be 0..3"),
-        ({"num_inference_steps": 0}, "at least 1"),
-        ({"guidance_scale": 0.5}, "guidance_scale` must be >= 1"),
+        ({"num_inference_steps": 0}, "num_inference_steps` must be a whole number of steps in 1..1000, got 0"),
+        ({"guidance_scale": 0.5}, "guidance_scale` must be a finite number >= 1, got 0.5"),
+        ({"guidance_scale": float("nan")}, "guidance_scale` must be a finite number >= 1, got nan"),
         ({"output_type": "mp4"}, "output_type"),
     ],
 )

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from ..settings import check_settings
+
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,7 @@ def load_audio(path: str | Path, max_seconds: float | None = None, name: str | N
     """
     path = Path(path)
     name = name or str(path)
-    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
-        raise ValueError(f"the maximum audio length must be a positive number of seconds, got {max_seconds}.")
+    check_settings(max_audio_seconds=max_seconds)
     if not path.is_file():
         raise AudioError(f"audio {name}: no such file.")
     if path.stat().st_size == 0:
