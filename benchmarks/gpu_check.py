@@ -30,28 +30,15 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hallo3.loading import TINY_TRANSFORMER_CONFIG  # noqa: E402
 from hallo3.parallel import CFGParallel  # noqa: E402
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler  # noqa: E402
 from hallo3.transformer_hallo3 import Hallo3Transformer3DModel  # noqa: E402
 
 
-# The released geometry is the model's default config (42 layers, 48 heads of 64, latent 60x90, 13 latent frames).
-SMOKE_CONFIG = dict(
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=32,
-    time_embed_dim=32,
-    text_embed_dim=32,
-    sample_height=8,
-    sample_width=12,
-    max_text_seq_length=16,
-    face_hidden_size=40,
-    audio_num_layers=2,
-    audio_channels=32,
-    audio_intermediate_dim=32,
-    audio_hidden_size=24,
-    num_audio_tokens=4,
-)
+# The released geometry is the model's default config (42 layers, 48 heads of 64, latent 60x90, 13 latent frames);
+# --smoke runs the tiny-random one
+SMOKE_CONFIG = TINY_TRANSFORMER_CONFIG
 
 
 class Skip(Exception):

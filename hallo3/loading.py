@@ -89,6 +89,26 @@ def tiny_tokenizer():
     )
 
 
+# The tiny-random networks: the released structure at 2 layers, 2 heads of 32 and a latent of 8x12 (64x96 pixels)
+TINY_TRANSFORMER_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    time_embed_dim=32,
+    text_embed_dim=32,
+    num_layers=2,
+    sample_width=12,
+    sample_height=8,
+    max_text_seq_length=16,
+    face_hidden_size=40,
+    num_face_tokens=4,
+    audio_num_layers=2,
+    audio_channels=32,
+    audio_intermediate_dim=32,
+    audio_hidden_size=24,
+    num_audio_tokens=4,
+)
+
+
 def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
     """The whole Hallo3 path at toy size (64x96 px, 2 layers): seconds per clip on a CPU. Random weights."""
     torch.manual_seed(seed)
@@ -124,27 +144,8 @@ def build_tiny_random_pipeline(seed: int = 0) -> Hallo3Pipeline:
     audio_feature_extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False
     )
-    stock = dict(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        time_embed_dim=32,
-        text_embed_dim=32,
-        num_layers=2,
-        sample_width=12,
-        sample_height=8,
-        max_text_seq_length=16,
-    )
-    transformer = Hallo3Transformer3DModel(
-        **stock,
-        face_hidden_size=40,
-        num_face_tokens=4,
-        audio_num_layers=2,
-        audio_channels=32,
-        audio_intermediate_dim=32,
-        audio_hidden_size=24,
-        num_audio_tokens=4,
-    )
-    reference_net = Hallo3ReferenceNet(**stock)
+    transformer = Hallo3Transformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    reference_net = Hallo3ReferenceNet(**TINY_TRANSFORMER_CONFIG)
     return Hallo3Pipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),

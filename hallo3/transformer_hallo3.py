@@ -396,29 +396,23 @@ class Hallo3Block(nn.Module):
         )
 
         # 2. Face and audio cross-attention (no q/k norms of their own: they borrow attn1's)
-        self.norm_face = self.attn_face = self.norm_audio = self.attn_audio = None
-        if face_hidden_size is not None:
-            self.norm_face = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
-            self.attn_face = Hallo3Attention(
+        def cross_attention(context_dim: int | None) -> tuple[nn.LayerNorm | None, Hallo3Attention | None]:
+            if context_dim is None:
+                return None, None
+            norm = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
+            attention = Hallo3Attention(
                 dim,
                 num_attention_heads,
                 attention_head_dim,
-                kv_dim=face_hidden_size,
+                kv_dim=context_dim,
                 bias=attention_bias,
                 qk_norm=False,
                 processor=Hallo3CrossAttnProcessor(),
             )
-        if audio_hidden_size is not None:
-            self.norm_audio = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
-            self.attn_audio = Hallo3Attention(
-                dim,
-                num_attention_heads,
-                attention_head_dim,
-                kv_dim=audio_hidden_size,
-                bias=attention_bias,
-                qk_norm=False,
-                processor=Hallo3CrossAttnProcessor(),
-            )
+            return norm, attention
+
+        self.norm_face, self.attn_face = cross_attention(face_hidden_size)
+        self.norm_audio, self.attn_audio = cross_attention(audio_hidden_size)
 
         # 3. Feed-forward
         self.norm2 = CogVideoXLayerNormZero(time_embed_dim, dim, norm_elementwise_affine, norm_eps, bias=True)
