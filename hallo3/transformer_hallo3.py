@@ -548,6 +548,7 @@ class Hallo3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheM
     @register_to_config
     def __init__(
         self,
+        # CogVideoX-5B-I2V (diffusers' `CogVideoXTransformer3DModel` arguments)
         num_attention_heads: int = 48,
         attention_head_dim: int = 64,
         in_channels: int = 32,
@@ -559,6 +560,7 @@ class Hallo3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheM
         num_layers: int = 42,
         dropout: float = 0.0,
         attention_bias: bool = True,
+        # the resolution, clip length and text length the learned positions cover
         sample_width: int = 90,
         sample_height: int = 60,
         sample_frames: int = 49,
@@ -577,10 +579,12 @@ class Hallo3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheM
         use_learned_positional_embeddings: bool = True,
         patch_size_t: int | None = None,
         ofs_embed_dim: int | None = None,
+        # identity: the face projection and cross-attention
         add_face_module: bool = True,
         face_embed_dim: int = 512,
         face_hidden_size: int = 1024,
         num_face_tokens: int = 4,
+        # speech: the audio projection and cross-attention
         add_audio_module: bool = True,
         audio_window: int = 5,
         audio_num_layers: int = 12,
