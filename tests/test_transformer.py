@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from accelerate.utils import compute_module_sizes, infer_auto_device_map
 from diffusers import CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
@@ -131,12 +132,95 @@ def test_each_conditioning_input_changes_the_output():
 
 @torch.no_grad()
 def test_lengths_come_from_the_inputs():
-    """Text length, latent frames and reference length are not hard-coded."""
+    """Text length, latent frames and reference length are read from the inputs, not fixed (8 text tokens, 13 frames
+    and a 1-frame reference are the tiny model's config): 5 text tokens, 4 latent frames and a 2-frame (48-token)
+    reference must take the learned positions, RoPE rows and attention keys written out here."""
+
+    def plain_rope(head_dim: int, num_frames: int, height: int, width: int, theta: float = 10000.0):
+        """cos, sin [F*h*w, head_dim] token by token: the head dim split t/h/w = d/4, 3d/8, 3d/8, each part rotating
+        interleaved channel pairs by position x theta^(-2j/d_part)."""
+        parts = (head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)
+        rows = []
+        for t in range(num_frames):
+            for h in range(height):
+                for w in range(width):
+                    angles = []
+                    for position, dim in zip((t, h, w), parts):
+                        frequencies = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+                        angles.append((position * frequencies).repeat_interleave(2))
+                    rows.append(torch.cat(angles))
+        angles = torch.stack(rows)
+        return angles.cos().float(), angles.sin().float()
+
+    def plain_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, Dh]: each channel pair (a, b) -> (a cos - b sin, b cos + a sin)."""
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        return x * cos[None, :, None] + rotated * sin[None, :, None]
+
     model = Hallo3Transformer3DModel(**TINY_TRANSFORMER).eval()
-    inputs = tiny_inputs(batch_size=1, num_frames=4, text_len=5)
-    inputs["reference_hidden_states"] = [torch.randn(1, 48, 64) for _ in range(2)]  # two reference frames
-    out = model(**inputs).sample
-    assert out.shape == (1, 4, 16, 8, 12) and torch.isfinite(out).all()
+    max_text, heads, head_dim = (
+        TINY_TRANSFORMER[k] for k in ("max_text_seq_length", "num_attention_heads", "attention_head_dim")
+    )
+    # random learned positions, so that any other rows than the right ones show
+    model.patch_embed.pos_embedding.copy_(torch.randn_like(model.patch_embed.pos_embedding))
+    num_frames, text_len, reference_len = 4, 5, 48
+    inputs = tiny_inputs(batch_size=1, num_frames=num_frames, text_len=text_len)
+    inputs["reference_hidden_states"] = [torch.randn(1, reference_len, 64) for _ in range(2)]
+    seen = {}
+    hooks = [
+        model.patch_embed.register_forward_hook(lambda module, args, output: seen.update(tokens=output)),
+        model.transformer_blocks[0].attn1.register_forward_hook(
+            lambda module, args, kwargs, output: seen.update(attn_in=args, attn_out=output), with_kwargs=True
+        ),
+    ]
+    try:
+        out = model(**inputs).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert out.shape == (1, num_frames, 16, 8, 12) and torch.isfinite(out).all()
+
+    # learned positions: text rows [0, text_len), video rows from max_text_seq_length on; video tokens in (t, h, w)
+    embed, positions = model.patch_embed, model.patch_embed.pos_embedding[0].float()  # the table is stored in fp64
+    text = embed.text_proj(inputs["encoder_hidden_states"][0]) + positions[:text_len]
+    patches = [embed.proj(inputs["hidden_states"][:, t])[0] for t in range(num_frames)]  # [D, 4, 6] per frame
+    video = torch.stack([p[:, h, w] for p in patches for h in range(4) for w in range(6)])
+    video = video + positions[max_text : max_text + len(video)]
+    torch.testing.assert_close(seen["tokens"][0], torch.cat([text, video]))
+
+    # RoPE for the 4 given frames, rows (t, h, w); the model's table is the official one
+    cos, sin = plain_rope(head_dim, num_frames, 4, 6)
+    for table, plain in zip(get_3d_rotary_emb(head_dim, num_frames, 4, 6), (cos, sin)):
+        torch.testing.assert_close(table, plain, atol=1e-6, rtol=0)
+
+    # block 0's joint attention, written out: RoPE on the video tokens after the text, and the 48 reference tokens as
+    # 48 extra keys and values (key norm, no RoPE)
+    attn = model.transformer_blocks[0].attn1
+    video_in, text_in = seen["attn_in"]
+    assert text_in.shape[1] == text_len
+    tokens = torch.cat([text_in, video_in], dim=1)
+    query, key, value = (proj(tokens).unflatten(-1, (heads, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query = torch.cat([query[:, :text_len], plain_rotate(query[:, text_len:], cos, sin)], dim=1)
+    key = torch.cat([key[:, :text_len], plain_rotate(key[:, text_len:], cos, sin)], dim=1)
+    bank = inputs["reference_hidden_states"][0]
+    reference_key = attn.norm_k(attn.to_k(bank).unflatten(-1, (heads, head_dim)))
+    reference_value = attn.to_v(bank).unflatten(-1, (heads, head_dim))
+
+    def attention(keys, values):
+        weights = (torch.einsum("bqhd,bkhd->bhqk", query, keys) / head_dim**0.5).softmax(dim=-1)
+        mixed = torch.einsum("bhqk,bkhd->bqhd", weights, values).flatten(2)
+        return attn.to_out[0](mixed)
+
+    expected = attention(torch.cat([key, reference_key], dim=1), torch.cat([value, reference_value], dim=1))
+    video_out, text_out = seen["attn_out"]
+    torch.testing.assert_close(video_out, expected[:, text_len:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(text_out, expected[:, :text_len], atol=1e-5, rtol=1e-4)
+    half = attention(
+        torch.cat([key, reference_key[:, :24]], dim=1), torch.cat([value, reference_value[:, :24]], dim=1)
+    )
+    assert (half - expected).abs().max() > 1e-3  # the second reference frame counts
 
 
 def test_mismatched_audio_length_is_a_clear_error():
@@ -180,10 +264,39 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Current model requires .* bytes of buffer")  # accelerate, about GPU 0 and 1
 def test_declares_what_diffusers_hooks_need():
-    assert Hallo3Transformer3DModel._no_split_modules == ["Hallo3Block", "Hallo3PatchEmbed"]
+    """`device_map` loading must keep each block, and the patch embedding with its position table, on one device,
+    whatever the memory limits: sweep the limits of two GPUs so that every cut point of the model comes up."""
+
+    def tensor_devices(device_map: dict, model: torch.nn.Module, prefix: str) -> set:
+        """Devices a device map puts the weights and buffers of submodule `prefix` on (each goes where its longest key in
+        the map says; None for one the map leaves out, as accelerate does with a split module's own buffers)."""
+        devices = set()
+        for name in model.state_dict():
+            if name.startswith(prefix + "."):
+                owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+                devices.add(device_map[max(owners, key=len)] if owners else None)
+        return devices
+
     assert Hallo3Transformer3DModel._supports_gradient_checkpointing
     model = Hallo3Transformer3DModel(**TINY_TRANSFORMER)
+    # what diffusers' from_pretrained(device_map=...) hands to accelerate
+    no_split = model._get_no_split_modules("sequential")
+    total = compute_module_sizes(model)[""]
+    kept_whole = ["patch_embed"] + [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    spread = 0
+    for step in range(1, 40):
+        limit = total * step // 80  # 1/80 .. 1/2 of the model per GPU
+        device_map = infer_auto_device_map(
+            model, max_memory={0: limit, 1: limit, "cpu": 10 * total}, no_split_module_classes=no_split
+        )
+        placed = [tensor_devices(device_map, model, prefix) for prefix in kept_whole]
+        for prefix, devices in zip(kept_whole, placed):
+            assert len(devices) == 1, f"{prefix} split across {devices} by {dict(device_map)}"
+        spread += len(set.union(*placed)) > 1
+    assert spread >= 20  # the limits did cut the model between these modules
+
     # layerwise casting: weights stored in fp8, norms and the patch embedding stay fp32
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
