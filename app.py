@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class Hallo3App:
         """
         image_path, image_name = uploaded(image, "portrait image")
         audio_path, audio_name = uploaded(audio, "speech audio")
-        settings.max_audio_seconds = self.max_audio_seconds
+        settings = replace(settings, max_audio_seconds=self.max_audio_seconds)  # the caller's value stays as it was
         self.clean_old_outputs()
         output = self.output_for(image_path, audio_path, settings)
         try:

@@ -2,10 +2,13 @@
 
 from .pipeline_hallo3 import Hallo3Pipeline, Hallo3PipelineOutput
 from .scheduling_hallo3 import Hallo3DPMScheduler
-from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
+from .settings import GenerationSettings
+from .transformer_hallo3 import ConditioningTokens, Hallo3ReferenceNet, Hallo3Transformer3DModel
 
 
 __all__ = [
+    "ConditioningTokens",
+    "GenerationSettings",
     "Hallo3DPMScheduler",
     "Hallo3Pipeline",
     "Hallo3PipelineOutput",
