@@ -18,17 +18,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .convert_sat_checkpoint import CheckpointError
 from .interrupts import Interrupted, stop_on_signals
 from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
 from .memory import MEMORY_MODES, available_memory_modes
-from .preprocessing.audio import AudioError, load_audio, vocals_for_wav2vec
-from .preprocessing.face import EMBEDDING_DIM, FaceAnalyzer, FaceError, FaceInfo, apply_mask, face_mask
-from .preprocessing.image import Framing, ImageError, frame_portrait, load_image
+from .preprocessing import PreparedInputs, prepare_inputs, read_inputs
+from .preprocessing.audio import AudioError
+from .preprocessing.face import FaceAnalyzer, FaceError
+from .preprocessing.image import ImageError
 from .resumable import ResumableVideo, ResumeError, fingerprint, run_folder, saved_seed
 from .settings import DEFAULTS, GenerationSettings, SettingError
 
@@ -41,20 +40,6 @@ class OutputError(ValueError):
 
 
 INPUT_ERRORS = (ImageError, FaceError, AudioError, OutputError, ModelSourceError, CheckpointError, ResumeError)
-
-
-@dataclass
-class PreparedInputs:
-    """What the pipeline takes, made from the user's files."""
-
-    image: Image.Image
-    reference_image: Image.Image
-    face_embeds: np.ndarray
-    waveform: np.ndarray
-    framing: Framing
-    audio_path: Path
-    # what the preprocessing used, for the log, the app's summary and the mp4's metadata
-    report: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,27 +98,6 @@ def check_memory_mode(mode: str) -> None:
         raise ValueError(f"--memory-mode {mode}: needs {needs}; this machine offers {', '.join(offered)}.")
 
 
-def face_report(face: FaceInfo) -> str:
-    """The face detector and where the identity embedding came from, in words."""
-    return f"{face.detector}, {face.num_faces} face(s); identity embedding: {face.embedding_source}"
-
-
-def read_inputs(
-    image_path: str | Path,
-    audio_path: str | Path,
-    face_analyzer: FaceAnalyzer,
-    max_audio_seconds: float | None,
-    names: tuple[str, str] | None = None,
-) -> tuple[Image.Image, FaceInfo, np.ndarray]:
-    """The image, its face and the waveform, each checked against its rules; needs no model, so the CLI checks every
-    input before it loads one. `names` are how errors name the two files (default: their paths)."""
-    image_name, audio_name = names or (str(image_path), str(audio_path))
-    image = load_image(image_path, name=image_name)
-    face = face_analyzer.analyze(image, name=f"image {image_name}")
-    waveform = load_audio(audio_path, max_audio_seconds, name=audio_name)
-    return image, face, waveform
-
-
 class PortraitAnimator:
     """A loaded model plus the file-side steps: preprocessing, the pipeline, and the mp4 writer.
 
@@ -160,21 +124,21 @@ class PortraitAnimator:
         names: tuple[str, str] | None = None,
         separate: bool = True,
     ) -> PreparedInputs:
-        """Validate and preprocess the two files; raises an `INPUT_ERRORS` class naming the file and the rule."""
-        image, face, waveform = read_inputs(image_path, audio_path, self.face_analyzer, max_audio_seconds, names)
-        masked = apply_mask(image, face_mask(image.size, face.box))
-        (framed, framed_reference), framing = frame_portrait(
-            image, face.box, self.pipeline.width, self.pipeline.height, extra_images=(masked,)
+        """Validate and preprocess the two files for this model; raises an `INPUT_ERRORS` class naming the file and
+        the rule."""
+        inputs = prepare_inputs(
+            image_path,
+            audio_path,
+            self.face_analyzer,
+            (self.pipeline.width, self.pipeline.height),
+            max_audio_seconds,
+            self.model.vocal_separator_dir,
+            separate,
+            names,
         )
-        audio_path = Path(audio_path)
-        waveform, vocals_note = vocals_for_wav2vec(audio_path, waveform, self.model.vocal_separator_dir, separate)
-        embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
-        report = {"face": face_report(face), "vocals": vocals_note}
-        for name, note in report.items():
+        for name, note in inputs.report.items():
             logger.info("%s: %s", name, note)
-        return PreparedInputs(
-            framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path, report
-        )
+        return inputs
 
     def generate(
         self,
@@ -228,10 +192,7 @@ class PortraitAnimator:
                 resume_from.frames_done,
             )
         output = self.pipeline(
-            image=inputs.image,
-            audio=inputs.waveform,
-            reference_image=inputs.reference_image,
-            face_embeds=inputs.face_embeds,
+            **inputs.pipeline_inputs(),
             generator=torch.Generator().manual_seed(seed),
             on_frames=lambda frames: run.write_segment(inputs.framing.crop_output(frames)),
             resume_from=resume_from,
