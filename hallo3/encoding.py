@@ -6,6 +6,7 @@ CogVideoX-5B), as the official code feeds them (architecture 12.13).
 """
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
@@ -21,9 +22,51 @@ def sample_latents(
     return (posterior.sample(generator=generator) * scaling_factor).permute(0, 2, 1, 3, 4).float()
 
 
+def posterior_parameters(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
+    """The posterior's mean and log-variance on channels, frames-first [B, F', 2C, h, w]: what `train.prepare_dataset
+    --vae` stores, so that training can still sample it (`sample_stored_latents`)."""
+    return posterior.parameters.permute(0, 2, 1, 3, 4)
+
+
+def sample_stored_latents(
+    parameters: torch.Tensor, scaling_factor: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """A sample x `scaling_factor` of stored posterior parameters [B, F', 2C, h, w] (`posterior_parameters`),
+    frames-first [B, F', C, h, w] in fp32.
+
+    Diffusers' distribution gets each latent frame as one [2C, h, w] posterior, so the noise is drawn in the stored
+    frames-first order, as training has always drawn it (a run repeats an earlier one). `sample_latents` draws
+    channels-first: the same generator puts the same numbers in other places there.
+    """
+    posterior = DiagonalGaussianDistribution(parameters.flatten(0, 1))
+    return (posterior.sample(generator=generator) * scaling_factor).unflatten(0, parameters.shape[:2]).float()
+
+
 def encode_frames(vae, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Pixel frames [B, F, 3, H, W] in [-1, 1] -> sampled, scaled latents [B, F', C, h, w] (architecture 12.13)."""
     return sample_latents(vae_posterior(vae, frames), vae.config.scaling_factor, generator)
+
+
+def encode_image_latents(
+    vae,
+    reference_frames: torch.Tensor,
+    motion_frames: torch.Tensor | None,
+    num_latent_frames: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The conditioning ("image") latent the denoiser sees beside the noisy latent (architecture 6.1): the VAE latent of
+    [reference frame; motion frames], then zero frames up to `num_latent_frames`. The causal VAE folds the reference
+    frame and up to 3 motion frames into the first latent frame.
+
+    Args:
+        reference_frames (`torch.Tensor`): [B, 3, H, W] in [-1, 1].
+        motion_frames (`torch.Tensor`, *optional*): [B, K, 3, H, W], already masked (and noised, in training).
+    """
+    frames = reference_frames[:, None]
+    if motion_frames is not None:
+        frames = torch.cat([frames, motion_frames], dim=1)
+    latents = encode_frames(vae, frames, generator)
+    return F.pad(latents, (0, 0, 0, 0, 0, 0, 0, num_latent_frames - latents.shape[1]))
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

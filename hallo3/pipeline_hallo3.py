@@ -28,7 +28,7 @@ from .clip_loop import (
     motion_frame_mask,
     num_clips,
 )
-from .encoding import decode_latents, encode_frames, encode_text
+from .encoding import decode_latents, encode_frames, encode_image_latents, encode_text
 from .lora import Hallo3LoraLoaderMixin
 from .parallel import CFGParallel
 from .preprocessing.audio import AudioEncoder
@@ -437,14 +437,13 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         num_latent_frames: int,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """The conditioning latent: VAE of [reference frame, masked motion frames] + zero frames (architecture 6.1)."""
-        frames = [image]
+        """The conditioning latent [1, T, C, h, w] of the clip: its first frame and the motion frames [K, 3, H, W]
+        under a fresh mask (architecture 6.1, 12.14)."""
+        masked_motion = None
         if motion is not None:
             mask = motion_frame_mask(self.height, self.width, generator=generator, device=image.device)
-            frames += [frame * mask for frame in motion]
-        latent = encode_frames(self.vae, torch.stack(frames)[None], generator)  # [1, F, 3, H, W] -> [1, 1, C, h, w]
-        padding = latent.new_zeros(1, num_latent_frames - latent.shape[1], *latent.shape[2:])
-        return torch.cat([latent, padding], dim=1)
+            masked_motion = (motion * mask)[None]
+        return encode_image_latents(self.vae, image[None], masked_motion, num_latent_frames, generator)
 
     def guide(
         self, prediction: torch.Tensor, guidance_scale: float, audio_guidance_scale: float | None

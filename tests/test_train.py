@@ -213,13 +213,76 @@ def test_precomputed_latents_match_the_vae_and_train(raw_dataset, tmp_path):
 
     item = Hallo3ClipDataset(data, 96, 64)[0]
     assert item["latent_parameters"].shape == (13, 32, 8, 12) and item["video"].shape == (2, 3, 64, 96)
-    # conditioning.motion_frames reaches the dataset: with latents only the motion frames are read as pixels
+    # motion_frames.count reaches the dataset: with latents only the motion frames are read as pixels
     from train.train import build_dataset
 
-    three = build_dataset(tiny_config(data, tmp_path, **{"conditioning.motion_frames": 3}), TinyTransformerConfig)
+    three = build_dataset(tiny_config(data, tmp_path, **{"motion_frames.count": 3}), TinyTransformerConfig)
     assert three[0]["video"].shape == (3, 3, 64, 96)
     result = train(tiny_config(data, tmp_path / "run", max_steps=2))
     assert all(torch.isfinite(torch.tensor(loss)) for loss in result["losses"].values())
+
+
+def test_stored_posteriors_are_sampled_frames_first_and_scaled():
+    """`prepare_dataset --vae` stores the VAE posterior frames-first; training samples it as it always has: noise
+    drawn in the stored [B, T, C, h, w] order, the sample x the VAE's scaling factor."""
+    from hallo3.encoding import posterior_parameters, sample_stored_latents, vae_posterior
+
+    vae = build_tiny_random_pipeline().vae
+    frames = torch.rand(2, 9, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = vae_posterior(vae, frames)
+    stored = posterior_parameters(posterior)
+    mean, logvar = stored.chunk(2, dim=2)
+    torch.testing.assert_close(mean, posterior.mean.permute(0, 2, 1, 3, 4), rtol=0, atol=0)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    expected = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * vae.config.scaling_factor
+    sampled = sample_stored_latents(stored, vae.config.scaling_factor, torch.Generator().manual_seed(1))
+    assert vae.config.scaling_factor != 1 and sampled.shape == (2, 3, 16, 8, 12)
+    torch.testing.assert_close(sampled, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_training_frames_are_squashed_to_a_square_between_black_bars():
+    """Every training frame, whatever its aspect, is resized to height x height and padded with black (-1) to the
+    width (architecture 12.19)."""
+    from PIL import Image
+
+    from train.dataset import framed_tensor
+
+    framed = framed_tensor(Image.new("RGB", (40, 30), (255, 255, 255)), 96, 64)
+    assert framed.shape == (3, 64, 96)
+    assert (framed[:, :, :16] == -1).all() and (framed[:, :, 80:] == -1).all()
+    assert (framed[:, :, 16:80] == 1).all()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_dropouts_zero_the_inputs_they_name(prepared, stage):
+    """`Hallo3Loss.model_inputs` at dropout 1 zeroes the text, the image latent, the reference latent and (stage 2)
+    the audio; at dropout 0 none of them."""
+    from accelerate import PartialState
+
+    from hallo3.scheduling_hallo3 import Hallo3DPMScheduler
+    from train.train import Hallo3Loss, build_dataset, collate, load_models
+
+    PartialState()
+    for rate in (1.0, 0.0):
+        rates = {f"dropout.{name}": rate for name in ("text", "audio", "image_latent", "reference")}
+        config = tiny_config(prepared, "unused", stage=stage, **rates)
+        models = load_models(config, torch.float32, load_text_encoder=False)
+        dataset = build_dataset(config, models.transformer.config)
+        max_text_length = models.transformer.config.max_text_seq_length
+        loss = Hallo3Loss(config, models, Hallo3DPMScheduler(), max_text_length, torch.float32, 0, 1)
+        inputs = loss.model_inputs(collate([dataset[0], dataset[1]]), torch.Generator().manual_seed(0))
+        channels = inputs.target.shape[2]
+        image_latents = inputs.hidden_states[:, :, channels:]
+        assert inputs.hidden_states.shape == (2, 13, 2 * channels, 8, 12)
+        dropped = {
+            "text": inputs.text,
+            "image_latent": image_latents,
+            "reference": inputs.reference_latent,
+            **({"audio": inputs.audio_embeds} if stage == 2 else {}),
+        }
+        assert {name for name, value in dropped.items() if not value.any()} == (set(dropped) if rate else set())
+        assert (inputs.audio_embeds is None) == (stage == 1)
 
 
 class TinyTransformerConfig:
@@ -326,6 +389,24 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
     return err[-1]
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "train" / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_a_config_with_the_former_conditioning_section_names_the_new_keys(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text(TINY.read_text() + "conditioning:\n  concat_dropout: 0.1\n  motion_frames: 3\n")
+    from train.train import main as train_main
+
+    assert train_main(["--config", str(old)]) == 2
+    line = one_line_error(capsys)
+    assert "conditioning.concat_dropout -> dropout.image_latent" in line
+    assert "conditioning.motion_frames -> motion_frames.count" in line
+    assert run_main("conditioning.text_dropout=0") == 2  # as an override too
+    assert "conditioning.text_dropout -> dropout.text" in one_line_error(capsys)
 
 
 def test_fewer_clips_than_a_batch_per_process_is_a_clear_error(prepared, tmp_path, capsys):

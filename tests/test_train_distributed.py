@@ -6,10 +6,8 @@ benchmarks/train_multigpu_check.py on a machine with GPUs.
 """
 
 import hashlib
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.prepare_dataset import main as prepare_main
-from train.synthetic_data import RecordedFaces, talking_video
+from benchmarks.train_multigpu_check import REPO, launch_command, prepare_clips, read_run, tiny_lr
 
-from .conftest import ASSETS
-
-
-REPO = Path(__file__).parent.parent
-TINY = REPO / "train" / "configs" / "tiny.yaml"
-ACCELERATE_CONFIGS = REPO / "train" / "configs" / "accelerate"
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 # accelerate 1.15 selects FSDP only for GPU processes: with ACCELERATE_USE_CPU=1 it silently runs the FSDP config as
 # plain DDP (train.train refuses that with a clear error). This shim, put on the workers' PYTHONPATH as
@@ -52,34 +42,10 @@ if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.envir
 """
 
 
-def official_lr(step: int, base: float, warmup: int, hold_steps: int, hold_factor: float, max_steps: int) -> float:
-    """Reference 9, written out: the first `hold_steps` iterations at min(0.05 lr, ramp), a linear ramp over
-    `warmup` iterations, then lr (max_steps - (n - warmup)) / max_steps."""
-    if step <= warmup:
-        return base * (min(hold_factor, step / warmup) if step <= hold_steps else step / warmup)
-    return base * (max_steps - (step - warmup)) / max_steps
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Two talking heads: one clip per rank."""
-    raw = tmp_path_factory.mktemp("raw")
-    (raw / "videos").mkdir()
-    (raw / "captions").mkdir()
-    drawn = []
-    for seed, photo in enumerate([ASSETS / "0001.jpg", ASSETS / "0008.jpg"]):
-        drawn.append(talking_video(raw / "videos" / f"{photo.stem}.mp4", photo, 3.2, seed=seed))
-        (raw / "captions" / f"{photo.stem}.txt").write_text("a person talking")
-    output = tmp_path_factory.mktemp("prepared")
-    argv = ["--videos", str(raw / "videos"), "--captions", str(raw / "captions"), "--output", str(output)]
-    assert prepare_main([*argv, "--wav2vec", "tiny-random", "--t5", "tiny-random"], analyzer=RecordedFaces(drawn)) == 0
-    return output
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return prepare_clips(tmp_path_factory.mktemp("prepared"), 2)
 
 
 def launch(
@@ -93,38 +59,13 @@ def launch(
 ):
     """`accelerate launch --config_file train/configs/accelerate/<config_file> ...` of the tiny stage, as a user runs
     it on CPUs; returns (completed process, metrics per step, fingerprint of the trained weights per rank)."""
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--config_file",
-        str(ACCELERATE_CONFIGS / config_file),
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        str(free_port()),
-        *(["--mixed_precision", "no"] if "mixed_precision=bf16" not in overrides else []),
-        *launcher,
-        "-m",
-        "train.train",
-        "--config",
-        str(TINY),
-        f"data={data}",
-        f"output_dir={output}",
-        "validate_every=0",
-        "report_to=[]",
-        *overrides,
-    ]
+    precision = ("--mixed_precision", "no") if "mixed_precision=bf16" not in overrides else ()
+    command = launch_command(config_file, data, output, overrides, processes, (*precision, *launcher))
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, **(env or {})}
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    metrics = [json.loads(line) for line in (output / "logs" / "metrics.jsonl").read_text().splitlines()]
-    # one JSON object per rank; two ranks' lines may interleave on the shared stdout
-    fingerprints = {
-        int(rank): digest
-        for rank, digest in re.findall(r'\{"rank": (\d+), "weights_sha256": "(\w+)"\}', result.stdout)
-    }
-    return result, {m["step"]: m for m in metrics}, fingerprints
+    return (result, *read_run(result.stdout, output))
 
 
 def cpu_env(backend: str, folder: Path) -> dict:
@@ -169,7 +110,7 @@ def test_both_ranks_finish_with_the_same_weights_and_the_single_process_lr(two_s
         assert f"{'FSDP' if backend == 'fsdp' else 'MULTI_CPU'}, 2 processes" in result.stderr
         assert sorted(fingerprints) == [0, 1] and fingerprints[0] == fingerprints[1]
         # tiny.yaml: lr 1e-4, warm-up 2 with the first step held at 0.05x; max_steps overridden to 3
-        expected = [official_lr(step, 1e-4, 2, 1, 0.05, 3) for step in (1, 2, 3)]
+        expected = [tiny_lr(step, 3) for step in (1, 2, 3)]
         assert [metrics[step]["lr"] for step in (1, 2, 3)] == pytest.approx(expected, rel=1e-12)
         assert all(metrics[step]["grad_norm"] > 0 for step in (1, 2, 3))  # clipping saw the real gradients
         folder = root / f"stage{stage}" / "checkpoints" / "checkpoint-3"
@@ -243,7 +184,7 @@ def test_deepspeed_configs_prepare_and_train_in_bf16(prepared, tmp_path, zero):
     )
     sharing = "sharded with the parameters" if zero == 3 else "split by parameter"
     assert f"DEEPSPEED, 1 processes; EMA {sharing}" in result.stderr
-    assert [metrics[s]["lr"] for s in (1, 2)] == pytest.approx([official_lr(s, 1e-4, 2, 1, 0.05, 2) for s in (1, 2)])
+    assert [metrics[s]["lr"] for s in (1, 2)] == pytest.approx([tiny_lr(s, 2) for s in (1, 2)])
     exported = exported_weights(tmp_path / "final")
     assert {tensor.dtype for tensor in exported.values()} == {torch.bfloat16}
     trained = sorted(name for name in exported if re.search(r"audio", name))  # stage 2 trains the audio modules
@@ -256,25 +197,7 @@ def test_deepspeed_configs_prepare_and_train_in_bf16(prepared, tmp_path, zero):
 
 def test_an_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(prepared, tmp_path):
     """Without the shim, accelerate turns the FSDP config into plain DDP on CPUs; train.train says so and stops."""
-    command = [
-        str(ACCELERATE),
-        "launch",
-        "--config_file",
-        str(ACCELERATE_CONFIGS / "fsdp.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "train.train",
-        "--config",
-        str(TINY),
-        f"data={prepared}",
-        f"output_dir={tmp_path}",
-        "report_to=[]",
-    ]
+    command = launch_command("fsdp.yaml", prepared, tmp_path, processes=2, launcher=("--mixed_precision", "no"))
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"}
     )

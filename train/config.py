@@ -54,15 +54,36 @@ class OptimConfig:
 
 
 @dataclass
-class ConditioningConfig:
-    text_dropout: float = 0.1  # per sample, zeros (also the reference net's text)
-    audio_dropout: float = 0.05  # per sample, zero features
-    concat_dropout: float = 0.05  # per batch, zero image latent
-    reference_dropout: float = 0.05  # per batch, zero reference latent
-    motion_frames: int = 2
-    motion_mask_rate: float = 0.1
-    motion_noise_log_mean: float = -3.0  # sigma = exp(N(mean, std^2)) per sample
-    motion_noise_log_std: float = 0.5
+class DropoutConfig:
+    """How often each input is dropped (zeroed) in training (architecture 6.5)."""
+
+    text: float = 0.1  # per sample, zeros (also the reference net's text)
+    audio: float = 0.05  # per sample, zero features
+    image_latent: float = 0.05  # per batch, zero image latent
+    reference: float = 0.05  # per batch, zero reference latent
+
+
+@dataclass
+class MotionFramesConfig:
+    """The clip's first frames as the image latent's motion frames, noised and masked (architecture 6.1)."""
+
+    count: int = 2
+    mask_rate: float = 0.1  # the share of pixels masked
+    noise_log_mean: float = -3.0  # sigma = exp(N(mean, std^2)) per sample
+    noise_log_std: float = 0.5
+
+
+# the keys of the former `conditioning:` section -> where they are now
+CONDITIONING_KEYS = {
+    "text_dropout": "dropout.text",
+    "audio_dropout": "dropout.audio",
+    "concat_dropout": "dropout.image_latent",
+    "reference_dropout": "dropout.reference",
+    "motion_frames": "motion_frames.count",
+    "motion_mask_rate": "motion_frames.mask_rate",
+    "motion_noise_log_mean": "motion_frames.noise_log_mean",
+    "motion_noise_log_std": "motion_frames.noise_log_std",
+}
 
 
 @dataclass
@@ -84,7 +105,8 @@ class TrainConfig:
     output_dir: str = "runs/hallo3"
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    motion_frames: MotionFramesConfig = field(default_factory=MotionFramesConfig)
     trainable: dict[str, list[str]] | None = None  # default: the stage's explicit list above
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_steps: int = 30000  # the learning-rate schedule runs over these
@@ -139,10 +161,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = yaml.safe_load(raw)
+    if "conditioning" in values:
+        raise ValueError(conditioning_moved(values["conditioning"]))
     config = _build(TrainConfig, values)
     if config.stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {config.stage}")
     return config
+
+
+def conditioning_moved(section) -> str:
+    """The one-line error for a config that still has the `conditioning:` section: where its keys are now."""
+    used = [key for key in section if key in CONDITIONING_KEYS] if isinstance(section, dict) else []
+    moves = ", ".join(f"conditioning.{key} -> {CONDITIONING_KEYS[key]}" for key in used or CONDITIONING_KEYS)
+    return (
+        "the conditioning: section was split into dropout: and motion_frames: (see train/configs/stage1.yaml); "
+        f"rename {moves}"
+    )
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from hallo3.clip_loop import audio_windows
+from hallo3.preprocessing.image import pad_square
 
 
 # what reading a damaged sample raises: truncated or missing files (PIL, open), bad safetensors, bad shapes
@@ -43,12 +44,21 @@ def has_text_embeddings(root: str | Path) -> bool:
     return found
 
 
-def frame_to_tensor(path: Path, width: int, height: int) -> torch.Tensor:
-    """A frame resized to height x height and zero-padded (-1 after normalisation) to width, as [3, H, W]."""
-    image = Image.open(path).convert("RGB").resize((height, height), Image.BICUBIC)
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    canvas.paste(image, ((width - height) // 2, 0))
+def framed_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An RGB image framed as training frames every talking-head frame, resized to height x height (bicubic) and
+    padded with black (-1 after normalisation) to width (architecture 12.19), as [3, H, W] in [-1, 1]."""
+    canvas = pad_square(image, width, height, Image.BICUBIC)
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def frame_to_tensor(path: Path, width: int, height: int) -> torch.Tensor:
+    """The frame file `path` as `framed_tensor` frames it."""
+    return framed_tensor(Image.open(path).convert("RGB"), width, height)
+
+
+def frame_path(clip: Path, index: int) -> Path:
+    """Frame `index` (from 0) of a prepared clip."""
+    return clip / "frames" / f"{index + 1:05d}.png"
 
 
 class Hallo3ClipDataset(Dataset):
@@ -95,7 +105,7 @@ class Hallo3ClipDataset(Dataset):
         return len(self.items)
 
     def load_frame(self, clip: Path, index: int) -> torch.Tensor:
-        return frame_to_tensor(clip / "frames" / f"{index + 1:05d}.png", self.width, self.height)
+        return frame_to_tensor(frame_path(clip, index), self.width, self.height)
 
     def __getitem__(self, index: int) -> dict:
         """Sample `index`, or the next readable one; `bad_samples` lists the reasons of those passed over."""
@@ -126,14 +136,11 @@ class Hallo3ClipDataset(Dataset):
 
         frames = self.motion_frames if latents is not None else self.num_frames
         video = torch.stack([self.load_frame(clip, start + i) for i in range(frames)])
-        reference = self.load_frame(clip, reference_index)
-        frame = Image.open(clip / "frames" / f"{reference_index + 1:05d}.png").convert("RGB")
+        frame = Image.open(frame_path(clip, reference_index)).convert("RGB")
+        reference = framed_tensor(frame, self.width, self.height)
         mask = Image.open(clip / "face_mask.png").convert("L").resize(frame.size)
         masked = Image.composite(frame, Image.new("RGB", frame.size), mask)
-        masked = masked.resize((self.height, self.height), Image.BICUBIC)
-        canvas = Image.new("RGB", (self.width, self.height))
-        canvas.paste(masked, ((self.width - self.height) // 2, 0))
-        masked_reference = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        masked_reference = framed_tensor(masked, self.width, self.height)
 
         features = load_file(clip / "features.safetensors")
         # training windows have true neighbours: cut with the margin, window, then drop the margin again

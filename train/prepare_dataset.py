@@ -6,8 +6,9 @@
 Per video (architecture 8.2): frames at 25 fps and audio at 16 kHz (ffmpeg), then the filters below, then the face
 embedding, the union face mask and the wav2vec2 features (the same `hallo3.preprocessing` code as inference), and
 optionally the T5 embedding of the caption (`--t5`) and the VAE posterior of fixed 49-frame windows at the training
-resolution (`--vae`, stored as mean and log-variance so that training still samples it). Kept clips land in `OUTPUT/clips/<name>/`; `metadata*.jsonl` lists them
-and `report*.jsonl` says, for every video, kept or dropped and why (the official pipeline dropped videos silently).
+resolution (`--vae`, stored as mean and log-variance so that training still samples it). Kept clips land in
+`OUTPUT/clips/<name>/`; `metadata*.jsonl` lists them and `report*.jsonl` says, for every video, kept or dropped and
+why (the official pipeline dropped videos silently).
 A rerun skips videos already decided. `--rank/--world-size` split the videos between parallel workers; each writes
 its own metadata and report shard.
 
@@ -33,6 +34,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from hallo3.encoding import encode_text, posterior_parameters, vae_posterior
 from hallo3.preprocessing.audio import AudioEncoder, AudioError, ffmpeg_exe, load_audio, separate_vocals
 from hallo3.preprocessing.face import FaceAnalyzer
 
@@ -169,17 +171,15 @@ def window_posteriors(
 ) -> dict:
     """VAE posterior parameters [n, T, 2C, h, w] (fp16) of the windows starting at margin, margin + 49, ...; the
     frames are framed exactly as the training dataset frames them."""
-    from .dataset import frame_to_tensor
+    from .dataset import frame_path, frame_to_tensor
 
     starts = list(range(margin, num_frames - clip_length - margin + 1, clip_length))
     parameters = []
     for start in starts:
-        frames = torch.stack(
-            [frame_to_tensor(clip_dir / "frames" / f"{start + i + 1:05d}.png", *size) for i in range(clip_length)]
-        )
+        frames = torch.stack([frame_to_tensor(frame_path(clip_dir, start + i), *size) for i in range(clip_length)])
         with torch.no_grad():
-            dist = vae.encode(frames.permute(1, 0, 2, 3)[None].to(vae.dtype)).latent_dist
-        parameters.append(dist.parameters[0].permute(1, 0, 2, 3).half().cpu())  # [2C, T, h, w] -> [T, 2C, h, w]
+            posterior = vae_posterior(vae, frames[None])
+        parameters.append(posterior_parameters(posterior)[0].half().cpu())
     return {"starts": torch.tensor(starts, dtype=torch.int64), "parameters": torch.stack(parameters)}
 
 
@@ -281,16 +281,25 @@ def load_encoders(args):
 
         @torch.no_grad()
         def t5(caption: str) -> torch.Tensor:
-            ids = tokenizer(
-                [caption], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            return text_encoder(ids.to(text_encoder.device))[0][0].float().cpu()
+            return encode_text(tokenizer, text_encoder, [caption], max_length, text_encoder.device)[0].float().cpu()
 
     return audio_encoder, t5
 
 
-def main(argv: list[str] | None = None, analyzer: FaceDetector | None = None) -> int:
-    """The command line; `analyzer` replaces the face analysis built from `--face-analysis` (tests)."""
+def load_vae(source: str | None):
+    """The VAE that precomputes the latents (`--vae`): None, tiny-random, or a CogVideoX repo/folder."""
+    if source == "tiny-random":
+        from hallo3.loading import build_tiny_random_pipeline
+
+        return build_tiny_random_pipeline().vae
+    if source:
+        from diffusers import AutoencoderKLCogVideoX
+
+        return AutoencoderKLCogVideoX.from_pretrained(source, subfolder="vae")
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=Path, required=True)
     parser.add_argument("--captions", type=Path, required=True, help="<video stem>.txt per video")
@@ -310,7 +319,12 @@ def main(argv: list[str] | None = None, analyzer: FaceDetector | None = None) ->
     parser.add_argument("--height", type=int, default=480, help="training height, for --vae")
     for name, value in asdict(Filters()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, analyzer: FaceDetector | None = None) -> int:
+    """The command line; `analyzer` replaces the face analysis built from `--face-analysis` (tests)."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.videos.is_dir():
         print(f"error: --videos {args.videos}: no such folder.", file=sys.stderr)
@@ -333,15 +347,7 @@ def main(argv: list[str] | None = None, analyzer: FaceDetector | None = None) ->
     if analyzer is None:
         analyzer = FaceAnalyzer(args.face_analysis, min_face_size=1)
     audio_encoder, t5 = load_encoders(args)
-    vae = None
-    if args.vae == "tiny-random":
-        from hallo3.loading import build_tiny_random_pipeline
-
-        vae = build_tiny_random_pipeline().vae
-    elif args.vae:
-        from diffusers import AutoencoderKLCogVideoX
-
-        vae = AutoencoderKLCogVideoX.from_pretrained(args.vae, subfolder="vae")
+    vae = load_vae(args.vae)
     with open(report_path, "a") as report:
         for video in mine:
             if video.name in decided:

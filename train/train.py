@@ -3,7 +3,7 @@
     accelerate launch --config_file train/configs/accelerate/<config>.yaml -m train.train \
         --config train/configs/stage1.yaml [key=value ...]
 
-v-prediction on the zero-terminal-SNR schedule with timesteps stratified across ranks; conditioning dropouts; the
+v-prediction on the zero-terminal-SNR schedule with timesteps stratified across ranks; input dropouts; the
 clip's first frames as masked, noised motion frames; the reference net at t=0; EMA; AdamW with the official warm-up;
 gradient clipping; checkpoints through `save_state`, marked complete once every rank has written, with exact resume
 (every random draw of a step is seeded by the step); periodic validation videos; diffusers folders at the end.
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from hallo3.clip_loop import motion_frame_mask
+from hallo3.encoding import encode_frames, encode_image_latents, encode_text, sample_stored_latents
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler
 from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
@@ -455,8 +456,27 @@ class ShardedEMA:
 # One training step
 
 
+@dataclass
+class ModelInputs:
+    """One step's inputs to `Hallo3TrainingModel`, in its input dtype, and the velocity it should predict."""
+
+    hidden_states: torch.Tensor  # the noisy latents and the image latents on channels [B, F, 2C, h, w]
+    text: torch.Tensor  # caption embeddings [B, S, D]; zeros where dropped
+    timesteps: torch.Tensor  # [B], fp32
+    reference_latent: torch.Tensor  # the masked reference [B, 1, C, h, w]; zeros where dropped
+    face_embeds: torch.Tensor  # [B, 512]
+    audio_embeds: torch.Tensor | None  # stage 2: [B, F, window, layers, C]; zeros where dropped
+    target: torch.Tensor  # v [B, F, C, h, w]
+
+
+def dropped(rate: float, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    """Where a dropout of `rate` drops, one uniform draw per element of `shape`."""
+    return torch.rand(shape, generator=generator, device=device) < rate
+
+
 class Hallo3Loss:
-    """Builds the conditioning of a batch and returns the v-prediction MSE (architecture 6.1, 6.5).
+    """The v-prediction MSE of a batch (architecture 6.1, 6.5): `model_inputs` builds the step's inputs from the batch,
+    `loss` runs the model on them.
 
     Args:
         input_dtype: the dtype the prepared model's weights compute in (bf16 under DeepSpeed bf16, whose engine does
@@ -474,76 +494,53 @@ class Hallo3Loss:
         rank: int,
         world_size: int,
     ):
-        self.config = config
-        self.conditioning = config.conditioning
+        self.stage, self.dropout, self.motion_frames = config.stage, config.dropout, config.motion_frames
         self.vae, self.tokenizer, self.text_encoder = models.vae, models.tokenizer, models.text_encoder
         self.scheduler = scheduler
         self.max_text_length, self.dtype = max_text_length, input_dtype
         self.rank, self.world_size = rank, world_size
 
-    @torch.no_grad()
-    def encode(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[B, F, 3, H, W] in [-1, 1] -> sampled latents x 0.7 as [B, F', C, h, w]."""
-        posterior = self.vae.encode(frames.permute(0, 2, 1, 3, 4).to(self.vae.dtype)).latent_dist
-        return (posterior.sample(generator=generator) * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float()
-
-    @torch.no_grad()
-    def text(self, batch: dict, device) -> torch.Tensor:
-        if "text_emb" in batch:
-            return batch["text_emb"].to(device)
-        ids = self.tokenizer(
-            batch["caption"],
-            padding="max_length",
-            max_length=self.max_text_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(device))[0].float()
-
     def __call__(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        c = self.conditioning
+        return self.loss(model, self.model_inputs(batch, generator))
+
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
+        """The MSE between the model's v-prediction and the target (architecture 6.5)."""
+        prediction = model(
+            inputs.hidden_states,
+            inputs.text,
+            inputs.timesteps,
+            inputs.reference_latent,
+            inputs.face_embeds,
+            inputs.audio_embeds,
+        )
+        return F.mse_loss(prediction.float(), inputs.target.float())
+
+    @torch.no_grad()
+    def model_inputs(self, batch: dict, generator: torch.Generator) -> ModelInputs:
+        """The model's inputs and target for `batch`. Every random draw of the step is made here, from `generator`,
+        in this order: the clip's latents; the motion frames' noise level, noise and mask; the image latent and its
+        dropout; the reference latent and its dropout; the text dropout; the audio dropout (stage 2); the timesteps;
+        the diffusion noise."""
         video = batch["video"]
         device, batch_size = video.device, video.shape[0]
-        if video.shape[1] < c.motion_frames:
-            raise RuntimeError(f"the batch has {video.shape[1]} frames, conditioning.motion_frames={c.motion_frames}")
-
-        def chance(p: float, shape=()) -> torch.Tensor:
-            return torch.rand(shape, generator=generator, device=device) < p
-
-        if "latent_parameters" in batch:  # precomputed posterior: sample it here, like the VAE would
-            mean, logvar = batch["latent_parameters"].chunk(2, dim=2)
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-            latents = latents * self.vae.config.scaling_factor
-        else:
-            latents = self.encode(video, generator)  # [B, T, C, h, w]
-        num_latent_frames = latents.shape[1]
-
-        # image latent: [reference frame, first K frames noised and masked], zero-padded; dropped per batch
-        motion = video[:, : c.motion_frames]
-        sigma = torch.exp(
-            c.motion_noise_log_mean
-            + c.motion_noise_log_std * torch.randn(batch_size, 1, 1, 1, 1, generator=generator, device=device)
-        )
-        motion = motion + sigma * torch.randn(motion.shape, generator=generator, device=device)
-        height, width = video.shape[-2:]
-        motion = motion * motion_frame_mask(height, width, c.motion_mask_rate, generator, device)
-        image_latents = self.encode(torch.cat([batch["reference"][:, None], motion], dim=1), generator)
-        image_latents = F.pad(image_latents, (0, 0, 0, 0, 0, 0, 0, num_latent_frames - image_latents.shape[1]))
-        if chance(c.concat_dropout):
+        if video.shape[1] < self.motion_frames.count:
+            raise RuntimeError(
+                f"the batch has {video.shape[1]} frames, motion_frames.count={self.motion_frames.count}"
+            )
+        latents = self.clip_latents(batch, generator)  # [B, T, C, h, w]
+        image_latents = self.image_latents(batch, latents.shape[1], generator)
+        if dropped(self.dropout.image_latent, (), generator, device):
             image_latents = torch.zeros_like(image_latents)
 
         # reference bank: masked reference at t = 0 with the (possibly dropped) caption; dropped per batch
-        reference_latent = self.encode(batch["masked_reference"][:, None], generator)
-        if chance(c.reference_dropout):
+        reference_latent = encode_frames(self.vae, batch["masked_reference"][:, None], generator)
+        if dropped(self.dropout.reference, (), generator, device):
             reference_latent = torch.zeros_like(reference_latent)
-        text = self.text(batch, device)
-        text = text * (~chance(c.text_dropout, (batch_size, 1, 1))).float()
-
+        text = self.text(batch, device) * (~dropped(self.dropout.text, (batch_size, 1, 1), generator, device)).float()
         audio = None
-        if self.config.stage == 2:
-            audio = batch["audio_emb"] * (~chance(c.audio_dropout, (batch_size, 1, 1, 1, 1))).float()
-            audio = audio.to(self.dtype)
+        if self.stage == 2:
+            kept = ~dropped(self.dropout.audio, (batch_size, 1, 1, 1, 1), generator, device)
+            audio = (batch["audio_emb"] * kept.float()).to(self.dtype)
 
         # v-prediction on the 1000-step zero-SNR table
         timesteps = sample_timesteps(
@@ -551,16 +548,44 @@ class Hallo3Loss:
         )
         noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = self.scheduler.get_velocity(latents, noise, timesteps)
-        prediction = model(
-            torch.cat([noisy, image_latents], dim=2).to(self.dtype),
-            text.to(self.dtype),
-            timesteps.float(),
-            reference_latent.to(self.dtype),
-            batch["face_emb"].to(self.dtype),
-            audio,
+        return ModelInputs(
+            hidden_states=torch.cat([noisy, image_latents], dim=2).to(self.dtype),
+            text=text.to(self.dtype),
+            timesteps=timesteps.float(),
+            reference_latent=reference_latent.to(self.dtype),
+            face_embeds=batch["face_emb"].to(self.dtype),
+            audio_embeds=audio,
+            target=self.scheduler.get_velocity(latents, noise, timesteps),
         )
-        return F.mse_loss(prediction.float(), target.float())
+
+    def clip_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The clip's latents [B, T, C, h, w]: a sample of its stored posterior (`prepare_dataset --vae`), or of the
+        VAE's posterior of its frames."""
+        if "latent_parameters" in batch:
+            return sample_stored_latents(batch["latent_parameters"], self.vae.config.scaling_factor, generator)
+        return encode_frames(self.vae, batch["video"], generator)
+
+    def image_latents(self, batch: dict, num_latent_frames: int, generator: torch.Generator) -> torch.Tensor:
+        """[reference frame, the clip's first frames noised and masked] encoded, zero-padded to `num_latent_frames`
+        (architecture 6.1)."""
+        video = batch["video"]
+        device, batch_size = video.device, video.shape[0]
+        settings = self.motion_frames
+        motion = video[:, : settings.count]
+        sigma = torch.exp(
+            settings.noise_log_mean
+            + settings.noise_log_std * torch.randn(batch_size, 1, 1, 1, 1, generator=generator, device=device)
+        )
+        motion = motion + sigma * torch.randn(motion.shape, generator=generator, device=device)
+        height, width = video.shape[-2:]
+        motion = motion * motion_frame_mask(height, width, settings.mask_rate, generator, device)
+        return encode_image_latents(self.vae, batch["reference"], motion, num_latent_frames, generator)
+
+    def text(self, batch: dict, device) -> torch.Tensor:
+        """The captions' T5 states [B, S, D] in fp32: precomputed, or encoded here."""
+        if "text_emb" in batch:
+            return batch["text_emb"].to(device)
+        return encode_text(self.tokenizer, self.text_encoder, batch["caption"], self.max_text_length, device).float()
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
@@ -713,7 +738,7 @@ def build_dataset(config: TrainConfig, transformer_config) -> Hallo3ClipDataset:
         height=transformer_config.sample_height * 8,
         num_frames=transformer_config.sample_frames,
         seed=config.seed,
-        motion_frames=config.conditioning.motion_frames,
+        motion_frames=config.motion_frames.count,
     )
 
 
@@ -862,7 +887,8 @@ def validate(accelerator: Accelerator, config: TrainConfig, models: LoadedModels
 
 
 def train(config: TrainConfig) -> dict:
-    output_dir = Path(config.output_dir)
+    """One run to max_steps (or stop_at_step), resuming from the newest complete checkpoint. Returns the loss per
+    step, whether T5 was loaded, the trained weights' fingerprint and (main process) the export folder."""
     check_launch(config)
     trackers = [t for t in config.report_to if t != "wandb" or importlib.util.find_spec("wandb")]
     accelerator = build_accelerator(config, trackers)
@@ -882,46 +908,68 @@ def train(config: TrainConfig) -> dict:
     model, trained_names = build_training_model(config, models)
     if accelerator.is_fsdp2:
         shard_for_fsdp2(model, accelerator)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.optim.weight_decay),
-        lr=config.optim.learning_rate,
-        betas=(config.optim.betas[0], config.optim.betas[1]),
-        eps=config.optim.eps,
-    )
+    optimizer = build_optimizer(model, config.optim)
     lr_scheduler = build_lr_scheduler(optimizer, config)
-    sampler = EpochSampler(len(dataset), config.seed)
-    dataloader = DataLoader(
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, build_dataloader(dataset, config))
+    parameters = trained_parameters(model, accelerator)
+    assert sorted(parameters) == sorted(trained_names), "prepare changed which parameters train"
+    ema = build_ema(accelerator, parameters, config.optim)
+    progress = Progress()
+    accelerator.register_for_checkpointing(lr_scheduler, progress)
+
+    # 3. Resume, then the loop
+    resume(accelerator, ema, progress, Path(config.output_dir))
+    if trackers:
+        accelerator.init_trackers("hallo3", config={k: str(v) for k, v in config_to_dict(config).items()})
+    loss_fn = build_loss(accelerator, config, models, model)
+    losses = run_steps(accelerator, config, model, optimizer, lr_scheduler, dataloader, loss_fn, ema, progress, models)
+
+    # 4. Fingerprint of the trained weights, then the EMA weights exported as diffusers folders
+    result: dict[str, Any] = {"losses": losses, "text_encoder_loaded": load_text_encoder}
+    result.update(finish(accelerator, config, model, parameters, ema))
+    return result
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        parameter_groups(model, optim.weight_decay),
+        lr=optim.learning_rate,
+        betas=(optim.betas[0], optim.betas[1]),
+        eps=optim.eps,
+    )
+
+
+def build_dataloader(dataset: Hallo3ClipDataset, config: TrainConfig) -> DataLoader:
+    return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(len(dataset), config.seed),
         collate_fn=collate,
         num_workers=config.num_workers,
         drop_last=True,
     )
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    parameters = trained_parameters(model, accelerator)
-    assert sorted(parameters) == sorted(trained_names), "prepare changed which parameters train"
+
+
+def build_ema(accelerator: Accelerator, parameters: dict[str, torch.nn.Parameter], optim: OptimConfig) -> ShardedEMA:
     ema = ShardedEMA(
         parameters,
-        config.optim.ema_decay,
+        optim.ema_decay,
         accelerator.process_index,
         accelerator.num_processes,
-        on_cpu=config.optim.ema_on_cpu,
+        on_cpu=optim.ema_on_cpu,
     )
     logger.info(
         f"{accelerator.distributed_type.value}, {accelerator.num_processes} processes; EMA "
         f"{'sharded with the parameters' if ema.sharded else 'split by parameter'}: "
         f"{sum(t.numel() for t in ema.shadow.values()):,} fp32 values on this rank"
     )
-    progress = Progress()
-    accelerator.register_for_checkpointing(lr_scheduler, progress)
+    return ema
 
-    # 3. Resume, then the loop
-    resume(accelerator, ema, progress, output_dir)
-    if trackers:
-        accelerator.init_trackers("hallo3", config={k: str(v) for k, v in config_to_dict(config).items()})
+
+def build_loss(accelerator: Accelerator, config: TrainConfig, models: LoadedModels, model) -> Hallo3Loss:
+    """The loss for the prepared `model`: its text length, the dtype its weights compute in, this rank's stratum."""
     bare = accelerator.unwrap_model(model)
-    loss_fn = Hallo3Loss(
+    return Hallo3Loss(
         config,
         models,
         Hallo3DPMScheduler(),
@@ -930,21 +978,25 @@ def train(config: TrainConfig) -> dict:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    losses = run_steps(accelerator, config, model, optimizer, lr_scheduler, dataloader, loss_fn, ema, progress, models)
 
-    # 4. Fingerprint of the trained weights, then the EMA weights exported as diffusers folders
+
+def finish(
+    accelerator: Accelerator, config: TrainConfig, model, parameters: dict[str, torch.nn.Parameter], ema: ShardedEMA
+) -> dict[str, str]:
+    """Prints the trained weights' fingerprint (every rank), writes the EMA weights into the model and exports them
+    (the adapters with LoRA); returns the fingerprint and (main process) the export folder."""
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {"losses": losses, "text_encoder_loaded": load_text_encoder}
     digest = weights_fingerprint(parameters)
-    result["weights_sha256"] = digest
+    result = {"weights_sha256": digest}
     print(json.dumps({"rank": accelerator.process_index, "weights_sha256": digest}), flush=True)
     ema.copy_to(parameters)
+    export_dir = Path(config.output_dir) / "final"
     if config.lora.rank:
-        export_lora(accelerator, model, config, output_dir / "final")
+        export_lora(accelerator, model, config, export_dir)
     else:
-        export(accelerator, model, output_dir / "final")
+        export(accelerator, model, export_dir)
     if accelerator.is_main_process:
-        result["export"] = str(output_dir / "final")
+        result["export"] = str(export_dir)
     accelerator.end_training()
     return result
 
@@ -981,47 +1033,15 @@ def run_steps(
             for reason in batch["bad_samples"]:
                 logger.warning(f"skipped a bad sample: {reason}", main_process_only=False)
             generator = step_generator(config.seed, progress.step, accelerator.process_index, accelerator.device)
-            grad_norm = None
-            with accelerator.accumulate(model):
-                loss = loss_fn(model, batch, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # all of the prepared model's parameters: frozen ones have no gradient, and accelerate's FSDP2
-                    # path recognises the model's own list
-                    grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), config.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+            loss, grad_norm = optimizer_step(accelerator, config, model, optimizer, loss_fn, batch, generator)
             if not accelerator.sync_gradients:
                 continue
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
             lr_scheduler.step()
             ema.step(parameters)
             progress.step += 1
-            gathered = accelerator.gather(torch.tensor([[loss.item(), len(batch["bad_samples"])]], device=loss.device))
-            step_loss = gathered[:, 0].mean().item()
-            progress.bad_samples += int(gathered[:, 1].sum().item())
-            losses[progress.step] = step_loss
-            if not math.isfinite(step_loss):
-                raise RuntimeError(f"loss is {step_loss} at step {progress.step}; stopping.")
-            if progress.bad_samples > config.max_bad_samples:
-                raise TrainingInputError(
-                    f"data={config.data}: {progress.bad_samples} bad samples skipped, more than max_bad_samples="
-                    f"{config.max_bad_samples}; the warnings above give each one's reason."
-                )
-            if progress.step % config.log_every == 0 or progress.step == 1:
-                record = {
-                    "step": progress.step,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "bad_samples": progress.bad_samples,
-                }
-                if torch.cuda.is_available():
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress.step)
-                if accelerator.is_main_process:
-                    write_metrics(output_dir, record)
-                logger.info(f"step {progress.step}: loss {step_loss:.5f} lr {lr:.3g}")
+            bad_samples = len(batch["bad_samples"])
+            losses[progress.step] = report_step(accelerator, config, progress, loss, bad_samples, lr, grad_norm)
             if progress.step % config.checkpoint_every == 0 or progress.step == last_step:
                 save_checkpoint(accelerator, ema, output_dir, progress.step, config.keep_checkpoints)
             if (
@@ -1034,6 +1054,68 @@ def run_steps(
             if progress.step >= last_step:
                 break
     return losses
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    config: TrainConfig,
+    model,
+    optimizer,
+    loss_fn: Hallo3Loss,
+    batch: dict,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's loss and gradients, accumulated; once they are complete, the clipping and the optimizer's step.
+    Returns the loss and the gradient norm (None while accumulating)."""
+    grad_norm = None
+    with accelerator.accumulate(model):  # the forward too: DDP skips the gradient sync while accumulating
+        loss = loss_fn(model, batch, generator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            # all of the prepared model's parameters: frozen ones have no gradient, and accelerate's FSDP2 path
+            # recognises the model's own list
+            grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), config.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss, grad_norm
+
+
+def report_step(
+    accelerator: Accelerator,
+    config: TrainConfig,
+    progress: Progress,
+    loss: torch.Tensor,
+    bad_samples: int,
+    lr: float,
+    grad_norm: torch.Tensor | None,
+) -> float:
+    """The step's loss averaged over the ranks, and the bad samples of every rank counted; stops the run on a
+    non-finite loss or too many bad samples, and logs the step every `log_every` steps (and the first)."""
+    gathered = accelerator.gather(torch.tensor([[loss.item(), bad_samples]], device=loss.device))
+    step_loss = gathered[:, 0].mean().item()
+    progress.bad_samples += int(gathered[:, 1].sum().item())
+    if not math.isfinite(step_loss):
+        raise RuntimeError(f"loss is {step_loss} at step {progress.step}; stopping.")
+    if progress.bad_samples > config.max_bad_samples:
+        raise TrainingInputError(
+            f"data={config.data}: {progress.bad_samples} bad samples skipped, more than max_bad_samples="
+            f"{config.max_bad_samples}; the warnings above give each one's reason."
+        )
+    if progress.step % config.log_every == 0 or progress.step == 1:
+        record = {
+            "step": progress.step,
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "bad_samples": progress.bad_samples,
+        }
+        if torch.cuda.is_available():
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress.step)
+        if accelerator.is_main_process:
+            write_metrics(Path(config.output_dir), record)
+        logger.info(f"step {progress.step}: loss {step_loss:.5f} lr {lr:.3g}")
+    return step_loss
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,20 @@ class Framing:
         return frames[..., :, self.pad : self.pad + self.height, :] if self.square else frames
 
 
+def pad_square(image: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
+    """`image` resized to a `height` x `height` square (whatever its aspect) with `resample`, centred between black
+    bars on a `width` x `height` canvas: the official framing of squares at inference (bilinear) and of every
+    talking-head frame in training (bicubic; architecture 12.19)."""
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(image.resize((height, height), resample, reducing_gap=None), (left_bar(width, height), 0))
+    return canvas
+
+
+def left_bar(width: int, height: int) -> int:
+    """The width of the left bar of `pad_square`: the square's first column."""
+    return (width - height) // 2
+
+
 def frame_portrait(
     image: Image.Image,
     face_box: tuple[float, float, float, float] | None,
@@ -100,14 +114,9 @@ def frame_portrait(
     images = (image, *extra_images)
     w, h = image.size
     if w == h:
-        side = height
-        pad = (width - side) // 2
-        framed = []
-        for item in images:
-            canvas = Image.new("RGB", (width, height), (0, 0, 0))
-            canvas.paste(item.resize((side, side), Image.BILINEAR, reducing_gap=None), (pad, 0))
-            framed.append(canvas)
-        return framed, Framing(width, height, square=True, pad=pad, source_box=(0.0, 0.0, float(w), float(h)))
+        framed = [pad_square(item, width, height, Image.BILINEAR) for item in images]
+        source_box = (0.0, 0.0, float(w), float(h))
+        return framed, Framing(width, height, square=True, pad=left_bar(width, height), source_box=source_box)
 
     # the official resize: cover width x height keeping the aspect, bicubic
     if w / h > width / height:
