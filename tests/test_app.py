@@ -54,6 +54,13 @@ def client(server):
     return Client(server, verbose=False)
 
 
+def ablation_args(audio, axis: str, values: str):
+    """The ablation tab's inputs: the example portrait, `audio`, no prompt, `axis` over `values`, 1 step, seed 3."""
+    from gradio_client import handle_file
+
+    return (handle_file(str(ASSETS / "0001.jpg")), handle_file(str(audio)), "", axis, values, 3.5, 3.5, 2, 1, 3)
+
+
 def generate_args(image, audio, steps=1):
     from gradio_client import handle_file
 
@@ -116,21 +123,8 @@ def test_a_16_bit_grayscale_upload_is_read_whole(client, speech_file, tmp_path):
 
 
 def test_ablation_returns_one_video_per_variant(client, speech_file):
-    from gradio_client import handle_file
 
-    result = client.predict(
-        handle_file(str(ASSETS / "0001.jpg")),
-        handle_file(str(speech_file)),
-        "",
-        "CFG scale",
-        "2.0, 5.0, 7.5",
-        3.5,
-        3.5,
-        2,
-        1,
-        3,
-        api_name="/ablation",
-    )
+    result = client.predict(*ablation_args(speech_file, "CFG scale", "2.0, 5.0, 7.5"), api_name="/ablation")
     *videos, summary = result
     assert len(videos) == app_module.MAX_VARIANTS
     made = [v for v in videos if v and (v.get("video") if isinstance(v, dict) and "video" in v else v.get("value"))]
@@ -140,22 +134,9 @@ def test_ablation_returns_one_video_per_variant(client, speech_file):
 
 def test_a_setting_out_of_its_range_is_named_as_the_page_names_it(client, speech_file):
     """The settings' one validator refuses the value; the page names the axis, and the app keeps serving."""
-    from gradio_client import handle_file
 
     with pytest.raises(Exception, match=r"CFG scale: must be a finite number >= 1, got 0\.5"):
-        client.predict(
-            handle_file(str(ASSETS / "0001.jpg")),
-            handle_file(str(speech_file)),
-            "",
-            "CFG scale",
-            "0.5, 3.5",
-            3.5,
-            3.5,
-            2,
-            1,
-            3,
-            api_name="/ablation",
-        )
+        client.predict(*ablation_args(speech_file, "CFG scale", "0.5, 3.5"), api_name="/ablation")
     assert client.predict(*generate_args(ASSETS / "0001.jpg", speech_file), api_name="/generate")
 
 
