@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hallo3.loading import TINY_TRANSFORMER_CONFIG  # noqa: E402
 from hallo3.parallel import CFGParallel  # noqa: E402
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler  # noqa: E402
+from hallo3.settings import DEFAULTS  # noqa: E402
 from hallo3.transformer_hallo3 import Hallo3Transformer3DModel  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def synchronize(device: torch.device) -> None:
 def denoise(
     transformer, inputs: dict, steps: int, device: torch.device, parallel: CFGParallel | None = None
 ) -> tuple[torch.Tensor, list[float]]:
-    """`Hallo3Pipeline.denoise` without the pipeline: CFG 3.5, conditioning computed on step 0 and reused; with
+    """`Hallo3Pipeline.denoise` without the pipeline: CFG at the default scale, conditioning computed on step 0 and reused; with
     `parallel`, this process computes its guidance row only and the rows are all-gathered (CFG parallel)."""
     scheduler = Hallo3DPMScheduler()
     scheduler.set_timesteps(steps, device=device)
@@ -116,7 +117,8 @@ def denoise(
         if parallel is not None:
             prediction = parallel.gather(prediction)
         uncond, cond = prediction.chunk(2)
-        latents = scheduler.step(uncond + 3.5 * (cond - uncond), t, latents, generator=generator).prev_sample
+        guided = uncond + DEFAULTS.guidance_scale * (cond - uncond)
+        latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
         synchronize(device)
         times.append(time.perf_counter() - started)
     return latents, times

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hallo3.memory import available_memory_modes  # noqa: E402
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler  # noqa: E402
+from hallo3.settings import DEFAULTS  # noqa: E402
 from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def make_inputs(transformer, device, dtype):
 
 
 def sample(transformer, bank, inputs, steps: int, reuse: bool) -> tuple[torch.Tensor, list[float]]:
-    """The pipeline's inner loop (CFG 3.5); returns the final latents and per-step seconds."""
+    """The pipeline's inner loop (CFG at the default scale, on v); returns the final latents and per-step seconds."""
     scheduler = Hallo3DPMScheduler()
     scheduler.set_timesteps(steps)
     latents, times, tokens = inputs["noise"], [], None
@@ -116,7 +117,8 @@ def sample(transformer, bank, inputs, steps: int, reuse: bool) -> tuple[torch.Te
         if reuse:
             tokens = output.conditioning_tokens
         uncond, cond = output.sample.float().chunk(2)
-        latents = scheduler.step(uncond + 3.5 * (cond - uncond), t, latents, generator=generator).prev_sample
+        guided = uncond + DEFAULTS.guidance_scale * (cond - uncond)
+        latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
         if latents.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import DEFAULTS
+
 
 def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
     """[N, layers, C] -> [N, window, layers, C]: entry [n, k] is frame n + k - window // 2, clamped to [0, N - 1].
@@ -21,7 +23,7 @@ def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
     return features[indices]
 
 
-def num_clips(num_frames: int, clip_length: int = 49, motion_frames: int = 2) -> int:
+def num_clips(num_frames: int, clip_length: int = 49, motion_frames: int = DEFAULTS.motion_frames) -> int:
     """Clips needed to cover `num_frames` output frames; each clip adds `clip_length - motion_frames` new frames.
 
     The official loop runs ceil(padded / stride) clips over audio padded to a multiple of `clip_length`, which can
@@ -32,7 +34,7 @@ def num_clips(num_frames: int, clip_length: int = 49, motion_frames: int = 2) ->
 
 
 def clip_audio_indices(
-    clip_index: int, num_audio_frames: int, clip_length: int = 49, motion_frames: int = 2
+    clip_index: int, num_audio_frames: int, clip_length: int = 49, motion_frames: int = DEFAULTS.motion_frames
 ) -> torch.Tensor:
     """Which audio frame conditions each of the clip's `clip_length` frames; -1 means silence (zeros).
 
