@@ -705,6 +705,11 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        inputs = raw_inputs
+        if self._cfg_parallel is not None:  # this process's guidance rows, once per clip
+            inputs = {
+                k: self._cfg_parallel.split(v, num_branches) if torch.is_tensor(v) else v for k, v in inputs.items()
+            }
         with self.progress_bar(total=num_inference_steps, desc="steps", leave=False) as step_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -715,13 +720,11 @@ class Hallo3Pipeline(DiffusionPipeline, Hallo3LoraLoaderMixin):
                 model_input = torch.cat(
                     [latents.expand(num_branches, -1, -1, -1, -1).to(image_latents.dtype), image_latents], dim=2
                 )
-                inputs = raw_inputs
                 timestep = t.expand(num_branches).float()
                 call_text = text
                 if self._cfg_parallel is not None:  # this process's guidance rows only
                     split = self._cfg_parallel.split
                     model_input, call_text, timestep = (split(x, num_branches) for x in (model_input, text, timestep))
-                    inputs = {k: split(v, num_branches) if torch.is_tensor(v) else v for k, v in inputs.items()}
                 # the VP noise level in [0, 1], for caches that read the scheduler's position (SeaCache)
                 alpha = self.scheduler.alphas_cumprod_sqrt[i].item()
                 with self.transformer.cache_context(
