@@ -240,10 +240,11 @@ def clip_owner(clip_dir: Path) -> str | None:
 def check_replaceable(clip_dir: Path, video: str, replaceable: bool) -> None:
     """Raise `Dropped` unless `clip_dir` is free or holds this program's clip of `video`: its meta.json names the
     video, or (`replaceable`) this worker's report kept the video there and the clip lost its meta.json."""
-    if not clip_dir.exists() and not clip_dir.is_symlink():
+    if not os.path.lexists(clip_dir):
         return
-    owner = clip_owner(clip_dir) if clip_dir.is_dir() and not clip_dir.is_symlink() else None
-    if owner == video or (owner is None and replaceable and clip_dir.is_dir() and not clip_dir.is_symlink()):
+    written_here = clip_dir.is_dir() and not clip_dir.is_symlink()  # this program makes folders, never links
+    owner = clip_owner(clip_dir) if written_here else None
+    if written_here and (owner == video or (owner is None and replaceable)):
         return
     holds = f"the clip of {owner}" if owner else "files this program did not write"
     raise Dropped(f"{clip_dir} already holds {holds}; it is left as it is (rename the video or move that folder)")
@@ -270,10 +271,10 @@ def clip_problem(clip_dir: Path, video: str, needs_latents: bool) -> str | None:
         return f"{clip_dir / 'features.safetensors'} is unreadable ({error})"
     if missing:
         return f"{clip_dir / 'features.safetensors'} has no {', '.join(sorted(missing))}"
-    absent = next(
-        (path for path in map(lambda i: frame_path(clip_dir, i), range(num_frames)) if not path.is_file()), None
-    )
-    return None if absent is None else f"{absent} is missing"
+    for index in range(num_frames):
+        if not frame_path(clip_dir, index).is_file():
+            return f"{frame_path(clip_dir, index)} is missing"
+    return None
 
 
 def vocals_waveform(audio: Path, separator_dir: Path | None) -> np.ndarray:
