@@ -5,9 +5,9 @@
     python -m train.synthetic_data talking-heads --output DIR --count N [--seed S] [--split train|held-out]
         [--photos ...] [--height 192 --width 288] [--seconds 4]
 
-Smoke clips (the first form, `talking_video`): the face moves by a small random affine jitter and its mouth region darkens with the audio envelope, so the clips
-have head and lip motion tied to the sound. Speech comes from espeak-ng when installed, else a modulated tone.
-Writes `videos/*.mp4` (with audio) and `captions/*.txt`.
+Smoke clips (the first form, `talking_video`): the face moves by a small random affine jitter and its mouth region
+darkens with the audio envelope, so the clips have head and lip motion tied to the sound. Speech comes from espeak-ng
+when installed, else a modulated tone. Writes `videos/*.mp4` (with audio) and `captions/*.txt`.
 
 The face box of each photo is known, not detected (`KNOWN_FACE_BOXES`, or `--face-box` for other photos), so the
 videos are the same on every machine, and `RecordedFaces` answers face detection on them from that record: tests of
@@ -41,10 +41,11 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageEnhance
 
-from hallo3.evaluate import speech_envelope
-from hallo3.preprocessing.audio import load_audio, num_video_frames
+from hallo3.evaluate import INNER_LIP_TOP, speech_envelope
+from hallo3.preprocessing.audio import SAMPLE_RATE, load_audio, num_video_frames
 from hallo3.preprocessing.face import EMBEDDING_DIM
 from hallo3.video_io import VideoWriter
+from train.prepare_dataset import FPS
 
 
 FaceBox = tuple[float, float, float, float]
@@ -165,8 +166,6 @@ class RecordedFaces:
 # Talking heads whose lips move with the speech: the demo training set and the evaluator's known-good videos
 
 
-SAMPLE_RATE = 16000
-FPS = 25
 DEFAULT_SIZE = (192, 288)  # height x width: the released model's 3:2 (480 x 720), sides multiples of 16
 DEFAULT_CLIP_SECONDS = 4.0
 DEFAULT_PHOTOS = (Path("assets/examples/0001.jpg"), Path("assets/examples/0008.jpg"))
@@ -238,7 +237,6 @@ PITCHES = (25, 75)  # espeak-ng pitch, 0..99
 
 # Face-mesh landmark chains (mediapipe's 478-point mesh), from one corner to the other.
 UPPER_INNER_LIP = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
-LOWER_OUTER_LIP = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
 EYE_LIDS = (  # (upper lid, lower lid) of each eye
     ([33, 246, 161, 160, 159, 158, 157, 173, 133], [33, 7, 163, 144, 145, 153, 154, 155, 133]),
     ([263, 466, 388, 387, 386, 385, 384, 398, 362], [263, 249, 390, 373, 374, 380, 381, 382, 362]),
@@ -425,7 +423,7 @@ class FaceRig:
         self.lip_x, self.lip_y = _curve(lm, UPPER_INNER_LIP)
         self.mouth_centre = float(self.lip_x.mean())
         self.mouth_half = float(self.lip_x[-1] - self.lip_x[0]) / 2
-        self.lip_line = float(lm[13, 1])
+        self.lip_line = float(lm[INNER_LIP_TOP, 1])
         self.chin = max(float(lm[CHIN, 1]), self.lip_line + 4)
         mouth_width = float(np.linalg.norm(lm[MOUTH_CORNERS[0]] - lm[MOUTH_CORNERS[1]]))
         self.max_opening = min(0.4 * mouth_width, 0.6 * (self.chin - self.lip_line))
