@@ -9,6 +9,7 @@ cannot run on a CPU without the official download. A new README command that is 
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,7 @@ RUN_HERE = (
     "python -m train.train --config train/configs/tiny.yaml",
     "ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/ddp.yaml",
     "python benchmarks/gpu_check.py --smoke",
+    "python -m hallo3.evaluate",
 )
 
 
@@ -183,7 +185,7 @@ def test_save_pipeline_command_runs_verbatim_on_the_download(checkout_with_downl
 
 def test_training_smoke_commands_run_verbatim(checkout):
     commands = [
-        *command_like("python -m train.synthetic_data"),
+        *command_like("python -m train.synthetic_data --output runs/tiny-raw"),
         *command_like("python -m train.prepare_dataset --videos runs/tiny-raw/videos"),
         *command_like("python -m train.train --config train/configs/tiny.yaml"),
         *command_like("ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/ddp.yaml"),
@@ -193,6 +195,25 @@ def test_training_smoke_commands_run_verbatim(checkout):
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     exported = list((checkout / "runs").rglob("final/transformer/config.json"))
     assert exported, "the smoke run exported no transformer"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="talking heads speak with espeak-ng")
+def test_talking_heads_and_evaluation_commands_run_verbatim(checkout):
+    """The synthetic talking heads, then the evaluator on a held-out one: its lips follow its speech."""
+    import json
+
+    commands = [
+        *command_like("python -m train.synthetic_data talking-heads"),
+        *command_like("python -m hallo3.evaluate"),
+    ]
+    for command in commands:
+        result = run_verbatim(command, checkout)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    (evaluate,) = command_like("python -m hallo3.evaluate")
+    words = shlex.split(evaluate)
+    report = json.loads((checkout / words[words.index("--json") + 1]).read_text())
+    assert report["face_found"] > 0.95 and report["frame_count_ok"] and report["lip_sync"] > 0.8
+    assert "lip sync" in result.stdout
 
 
 def test_gpu_check_smoke_runs_verbatim_on_the_cpu(checkout):
