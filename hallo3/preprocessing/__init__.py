@@ -76,7 +76,7 @@ def prepare_inputs(
     audio_path = Path(audio_path)
     waveform, vocals_note = vocals_for_wav2vec(audio_path, waveform, vocal_separator_dir, separate_vocals)
     embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
-    report = {"face": face_report(face), "framing": framing.describe(), "vocals": vocals_note}
+    report = {"face": face_report(face), "vocals": vocals_note, "framing": framing.describe()}
     return PreparedInputs(
         framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path, report
     )

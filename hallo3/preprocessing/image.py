@@ -117,7 +117,7 @@ class Framing:
     def describe(self) -> str:
         """The framing in words, for the log and the mp4's metadata."""
         (w, h), (out_w, out_h) = self.image_size, self.output_size
-        return f"{w}x{h} photo padded into the {self.width}x{self.height} frame; video {out_w}x{out_h}"
+        return f"{w}x{h} photo in the {self.width}x{self.height} frame, video {out_w}x{out_h}"
 
 
 def pad_square(image: Image.Image, width: int, height: int, resample: Image.Resampling) -> Image.Image:
