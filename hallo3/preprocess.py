@@ -3,12 +3,15 @@
     python -m hallo3.preprocess --image IMG [--audio AUDIO] --output-dir DIR [--face-analysis DIR]
         [--vocal-separator DIR] [--width 720 --height 480]
 
-Writes into DIR:
+Writes into DIR, all in the model's frame (the photo whole between black bars, as the video is made):
 - `portrait.png`: the frame the VAE sees (the model's width x height);
-- `face_mask.png`: the official face mask at the input's resolution (white = face region);
-- `face.json`: `mask_box` (the face mask region as the official code computes it) and `crop_box` (the region of the
-  input that becomes the frame), both [x0, y0, x1, y1] in the input image's pixels; the silhouette `face_box`; the
-  detector; where the identity embedding came from; with `--audio`, the duration and whether vocals were separated.
+- `face_mask.png`: the official face mask in that frame (white = face region), so it overlays `portrait.png`;
+- `face.json`: the framing: `image_size` (the photo after its EXIF rotation), `frame_size` (the model's),
+  `photo_in_frame` ([x0, y0, x1, y1], where the resized photo sits), `padding` (the black bars), `output_size` (the
+  video's, the photo's place cropped back out of each frame); `mask_box` (the face mask region as the official code
+  computes it, in the photo's pixels) and `frame_mask_box` (the same region in the frame: the white of
+  `face_mask.png`); the silhouette `face_box` (photo's pixels); the detector; where the identity embedding came from;
+  with `--audio`, the duration and whether vocals were separated.
 
 A bad input gets a one-line message naming the input and the rule, and exit code 2.
 """
@@ -18,6 +21,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from .preprocessing.audio import SAMPLE_RATE, AudioError, load_audio, vocals_for_wav2vec
 from .preprocessing.face import FaceAnalyzer, FaceError, apply_mask, face_mask
@@ -39,18 +45,15 @@ def preprocess(
     """Frame and mask `image_path` as inference does; write the three files into `output_dir`; return face.json."""
     image = load_image(image_path)
     face = FaceAnalyzer(face_analysis).analyze(image, name=f"image {image_path}")
-    mask = face_mask(image.size, face.box)
-    masked = apply_mask(image, mask)
-    (framed, _), framing = frame_portrait(image, face.box, width, height, extra_images=(masked,))
-    assert framing.source_box is not None
+    masked = apply_mask(image, face_mask(image.size, face.box))
+    (framed, _), framing = frame_portrait(image, face.mask_box, width, height, extra_images=(masked,))
+    frame_mask_box = [round(v) for v in framing.to_frame(face.mask_box)]
     report: dict = {
         "image": str(image_path),
-        "image_size": list(image.size),
-        "frame_size": [width, height],
+        **framing.report(),
         "mask_box": list(face.mask_box),
-        "crop_box": [round(v, 2) for v in framing.source_box],
+        "frame_mask_box": frame_mask_box,
         "face_box": list(face.box),
-        "padded_square": framing.square,
         "num_faces": face.num_faces,
         "detector": face.detector,
         "embedding_source": face.embedding_source,
@@ -66,9 +69,18 @@ def preprocess(
         }
     output_dir.mkdir(parents=True, exist_ok=True)
     framed.save(output_dir / "portrait.png")
-    mask.save(output_dir / "face_mask.png")
+    box_mask(framed.size, frame_mask_box).save(output_dir / "face_mask.png")
     (output_dir / "face.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def box_mask(size: tuple[int, int], box: list[int]) -> Image.Image:
+    """A `size` mask (mode "L") white inside `box` [x0, y0, x1, y1], black elsewhere."""
+    width, height = size
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = 255
+    return Image.fromarray(mask)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, FaceError, AudioError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({key: report[key] for key in ("mask_box", "crop_box", "detector", "embedding_source")}))
+    summary = ("mask_box", "frame_mask_box", "output_size", "detector", "embedding_source")
+    print(json.dumps({key: report[key] for key in summary}))
     logger.info("Wrote portrait.png, face_mask.png and face.json to %s", args.output_dir)
     return 0
 

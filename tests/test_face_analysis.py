@@ -194,7 +194,7 @@ def analyzer():
 
 def test_a_plain_shirt_under_the_face_keeps_the_whole_face_in_the_crop(analyzer):
     """720x960 from example 0008 with a plain shirt below: Haar once found a 'face' on the shirt and the crop cut the
-    head at the eyes. The face must be the real one, and the 720x480 crop must hold all of it."""
+    head at the eyes. The face must be the real one, and the 720x480 frame must hold all of it."""
     photo = Image.open(ASSETS / "0008.jpg").convert("RGB")
     reference = analyzer.analyze(photo)
     portrait = Image.new("RGB", (720, 960), (226, 222, 210))
@@ -202,13 +202,10 @@ def test_a_plain_shirt_under_the_face_keeps_the_whole_face_in_the_crop(analyzer)
     face = analyzer.analyze(portrait, "shirt.jpg")
     expected = tuple(v * 1.5 for v in reference.box)
     assert np.abs(np.array(face.box) - expected).max() < 8  # the head, not the shirt
-    (framed,), framing = frame_portrait(portrait, face.box, 720, 480)
-    assert framed.size == (720, 480) and framing.source_box is not None
-    x0, y0, x1, y1 = framing.source_box
-    assert x0 <= face.box[0] and y0 <= face.box[1] and face.box[2] <= x1 and face.box[3] <= y1
-    landmarks_y = face.landmarks[:, 1]
-    assert y0 - 1 <= landmarks_y.min() and landmarks_y.max() <= y1 + 1  # every landmark, forehead to chin
-    assert y0 < 240  # the official centre crop (rows 240..720) would cut the forehead
+    (framed,), framing = frame_portrait(portrait, face.mask_box, 720, 480)
+    assert framed.size == (720, 480) and framing.output_size == (360, 480)  # the whole 3:4 photo
+    x0, y0, x1, y1 = framing.to_frame(face.mask_box)
+    assert 0 <= x0 and 0 <= y0 and x1 <= 720 and y1 <= 480  # the face region, forehead to chin, in the frame
 
 
 @pytest.mark.parametrize("example", ["0001", "0008"])
@@ -228,8 +225,11 @@ def test_preprocess_cli_writes_the_frame_the_mask_and_the_official_boxes(analyze
     landmarks = analyzer.analyze(image).landmarks
     official_box, official_mask = official_face_mask(landmarks, *image.size)
     assert report["mask_box"] == list(official_box)
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "face_mask.png")), official_mask)
-    assert report["crop_box"] == [0.0, 0.0, 480.0, 480.0]  # a square example: all of it, padded with bars
+    # a square example: all of it at 480x480 between 120-px bars, so the frame's mask is the official one, padded
+    assert report["photo_in_frame"] == [120, 0, 600, 480] and report["output_size"] == [480, 480]
+    frame_mask = np.asarray(Image.open(tmp_path / "face_mask.png"))
+    np.testing.assert_array_equal(frame_mask[:, 120:600], official_mask)
+    assert frame_mask[:, :120].max() == 0 and frame_mask[:, 600:].max() == 0
     assert Image.open(tmp_path / "portrait.png").size == (720, 480)
     assert report["detector"] == "mediapipe-face-mesh" and report["embedding_source"].startswith("zeros")
     if example == "0008":

@@ -60,24 +60,26 @@ def test_square_portraits_are_padded_and_cropped_back():
     image = Image.new("RGB", (480, 480), (200, 10, 10))
     (framed,), framing = frame_portrait(image, None, 720, 480)
     pixels = np.asarray(framed)
-    assert framed.size == (720, 480) and framing.square and framing.pad == 120
+    assert framed.size == (720, 480) and framing.content_box == (120, 0, 600, 480)
     assert pixels[:, :120].max() == 0 and pixels[:, 600:].max() == 0  # black bars
     frames = np.zeros((3, 480, 720, 3), dtype=np.uint8)
     assert framing.crop_output(frames).shape == (3, 480, 480, 3)
 
 
-def test_tall_portrait_crop_keeps_a_face_near_the_top():
-    """The official centre crop of a tall photo would cut a face near the top; ours keeps it whole."""
+def test_a_tall_portrait_with_its_face_at_the_top_is_padded_whole_with_a_margin_above_the_face():
+    """The official centre crop of a tall photo would cut a face near the top; the photo goes in whole."""
     image = Image.new("RGB", (600, 1200), (0, 0, 0))
-    face_box = (200, 40, 400, 260)  # near the top
-    (framed,), _ = frame_portrait(image, face_box, 720, 480)
-    assert framed.size == (720, 480)
-    # resized to 720 x 1440: the face spans rows 48..312; the official crop starts at row 480
-    image.paste((255, 255, 255), face_box)
-    (framed,), _ = frame_portrait(image, face_box, 720, 480)
+    face_region = (200, 0, 400, 260)  # the mask box touches the photo's top
+    image.paste((255, 255, 255), face_region)
+    (framed,), framing = frame_portrait(image, face_region, 720, 480)
+    left, top, right, bottom = framing.content_box
+    assert framed.size == (720, 480) and bottom <= 480
+    assert bottom - top >= 480 * 1200 / (1200 + 0.1 * 260) - 2  # as tall as the frame allows, with the margin
+    assert abs((right - left) / (bottom - top) - 600 / 1200) < 0.02  # the photo's aspect, whole
     rows_with_face = np.nonzero(np.asarray(framed)[:, :, 0].max(axis=1) > 128)[0]
-    assert rows_with_face.min() > 0 and rows_with_face.max() < 479  # the whole box is inside the frame
-    assert len(rows_with_face) >= 260
+    face_rows = 260 * (bottom - top) / 1200
+    assert rows_with_face.min() >= 0.1 * face_rows - 1  # the margin: a tenth of the region's height above it
+    assert abs(len(rows_with_face) - face_rows) <= 2
 
 
 def test_face_mask_expands_the_box_around_its_centre():

