@@ -36,6 +36,7 @@ from .official_layout import tiny_sat_vae
 REPO = Path(__file__).parent.parent
 GB = 2**30
 ADDRESS_SPACE_LIMIT = 4 * GB  # the subprocesses' RLIMIT_AS: a refusal that tried to allocate GBs fails instead
+CPU_SECONDS_LIMIT = 600  # and their RLIMIT_CPU: one that loops over a billion layers is stopped, not waited for
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -86,10 +87,11 @@ def speech(path: Path, seconds: float = 1.0) -> Path:
 
 
 def run_bounded(argv: list[str], cwd: Path) -> tuple[int, str, float, float]:
-    """Run `argv` under `ADDRESS_SPACE_LIMIT`; (exit code, stderr, peak RSS in GB, seconds)."""
+    """Run `argv` under `ADDRESS_SPACE_LIMIT` and `CPU_SECONDS_LIMIT`; (exit code, stderr, peak RSS in GB, seconds)."""
 
     def limit_address_space() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+        resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS_LIMIT, CPU_SECONDS_LIMIT))
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
@@ -365,9 +367,9 @@ def lora(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lora_pipeline():
-    """A tiny pipeline that every refused LoRA is offered to; each test checks that nothing was added to it."""
+    """A fresh tiny pipeline to offer a LoRA to; the tests check that a refusal added nothing to it."""
     pipe = build_tiny_random_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
