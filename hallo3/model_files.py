@@ -399,9 +399,8 @@ def has_non_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return False
     tensor = tensor.detach()
-    # half-precision sums accumulate in float32 (in place: asking for float64 would copy the whole tensor)
-    total = tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 else tensor.sum()
-    if torch.isfinite(total):
+    # the tensor's own dtype: ~10x faster than asking for a wider sum, which converts element by element on CPU
+    if torch.isfinite(tensor.sum()):
         return False
     flat = tensor.reshape(-1)
     return any(not bool(torch.isfinite(chunk).all()) for chunk in flat.split(FINITE_CHUNK))
