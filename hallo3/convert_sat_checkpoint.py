@@ -7,7 +7,9 @@ PATH is the official folder (with `latest`) or its `mp_rank_00_model_states.pt`.
 
 The file is read with `torch.load(weights_only=True, mmap=True)`: no pickled code runs, tensors stay on disk until
 they are written, and shards are flushed as they fill, so a 29 GB checkpoint converts in a few GB of memory. The
-result is written to a temporary folder and renamed at the end: a failed or interrupted run leaves nothing behind.
+configuration read from the shapes is held to `hallo3.model_files.CONFIG_LIMITS` before anything is built from it,
+and every tensor must be finite. The result is written to a temporary folder and renamed at the end: a failed or
+interrupted run leaves nothing behind.
 Key mapping: architecture 10 (stock part as diffusers' `convert_cogvideox_to_diffusers.py`, Hallo3 keys 10.4).
 """
 
@@ -29,6 +31,7 @@ import yaml
 from safetensors.torch import save_file
 
 from .interrupts import Interrupted, staging_folder, stop_on_signals
+from .model_files import JSON_MAX_BYTES, ModelFileError, check_config_values, has_non_finite
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel, get_3d_rotary_emb
 
 
@@ -43,6 +46,7 @@ UNUSED_KEYS = ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos", "tran
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CHECKPOINT_FILE = "mp_rank_00_model_states.pt"
+LATEST_MAX_BYTES = 256  # DeepSpeed's `latest` holds the tag of the last iteration folder
 STAGING_SUFFIX = ".partial"
 
 
@@ -72,7 +76,10 @@ def resolve_checkpoint_file(path: Path) -> Path:
     if path.is_file():
         return path
     if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
+        with open(path / "latest", "rb") as f:  # a tag such as `1`; a longer file is not DeepSpeed's
+            tag = f.read(LATEST_MAX_BYTES + 1).decode("utf-8", "replace").strip()
+        if len(tag) > LATEST_MAX_BYTES or Path(tag).name != tag:
+            raise CheckpointError(f"--checkpoint {path}: `latest` does not name an iteration folder.")
         path = path / tag
     candidate = path / CHECKPOINT_FILE
     if not candidate.is_file():
@@ -203,6 +210,8 @@ def read_official_config(path: Path | None) -> dict:
     """`network_config.params` of an official yaml/json config (or the fixtures' config.json), flattened."""
     if path is None:
         return {}
+    if path.is_file() and path.stat().st_size > JSON_MAX_BYTES:
+        raise CheckpointError(f"--config {path}: larger than {JSON_MAX_BYTES:,} bytes; not a model config.")
     try:
         config = yaml.safe_load(path.read_text())  # JSON is YAML
     except (OSError, yaml.YAMLError) as error:
@@ -411,14 +420,30 @@ def check_rope_tables(network: dict[str, torch.Tensor], config: dict) -> None:
         )
 
 
+def check_converted_config(config: dict, class_name: str, source: Path) -> None:
+    """The configuration read from a checkpoint's shapes within `hallo3.model_files.CONFIG_LIMITS`, before anything
+    (the meta model, the RoPE tables) is built from it."""
+    try:
+        check_config_values(config, class_name, f"the {class_name} configuration read from {source}")
+    except ModelFileError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: Path) -> None:
+    if has_non_finite(tensor):
+        raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; it is not converted.")
+
+
 def convert_network(
     network: dict[str, torch.Tensor],
     model_cls: type[Hallo3Transformer3DModel] | type[Hallo3ReferenceNet],
     config: dict,
     folder: Path,
     max_shard_bytes: int,
+    source: tuple[Path, str] | None = None,
 ) -> list[str]:
-    """Stream one network into `folder`; returns the official keys that were deliberately left out."""
+    """Stream one network into `folder`; returns the official keys that were deliberately left out. `source` (the
+    checkpoint file and the network's key prefix) names a non-finite tensor."""
     with torch.device("meta"):
         model = model_cls.from_config(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -431,6 +456,8 @@ def convert_network(
         if name in UNUSED_KEYS:
             unused.append(name)
             continue
+        if source is not None:
+            check_finite(tensor, source[1] + name, source[0])
         try:
             converted = convert_key(name, tensor)
         except KeyError:
@@ -481,14 +508,18 @@ def convert(
             f"the architecture cannot be read from the tensor shapes ({type(error).__name__}: {error}); pass "
             f"--config with the official yaml of this checkpoint."
         ) from None
+    check_converted_config(denoiser_config, Hallo3Transformer3DModel.__name__, checkpoint_file)
+    check_converted_config(reference_config, Hallo3ReferenceNet.__name__, checkpoint_file)
     check_rope_tables(denoiser, denoiser_config)
 
     with staging_folder(output, STAGING_SUFFIX) as staging:
-        for label, network, model_cls, config in (
-            ("transformer", denoiser, Hallo3Transformer3DModel, denoiser_config),
-            ("reference_net", reference, Hallo3ReferenceNet, reference_config),
+        for label, network, model_cls, config, prefix in (
+            ("transformer", denoiser, Hallo3Transformer3DModel, denoiser_config, DENOISER_PREFIX),
+            ("reference_net", reference, Hallo3ReferenceNet, reference_config, REFERENCE_PREFIX),
         ):
-            unused = convert_network(network, model_cls, config, staging / label, max_shard_bytes)
+            unused = convert_network(
+                network, model_cls, config, staging / label, max_shard_bytes, (checkpoint_file, prefix)
+            )
             logger.info(
                 "%s: %d tensors written; unused official keys left out: %s",
                 label,

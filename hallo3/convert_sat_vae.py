@@ -5,8 +5,9 @@
 
 It is the same network as the VAE of the CogVideoX-5B-I2V diffusers release (architecture 6.2), so the official download
 alone is enough: no second copy from the Hub. The rules are the transformer converter's: the file is read with
-`torch.load(weights_only=True, mmap=True)` (no pickled code runs), tensors stream into shards, the result must load
-strictly, and it is written to a staging folder that is renamed when complete.
+`torch.load(weights_only=True, mmap=True)` (no pickled code runs), the configuration is held to
+`hallo3.model_files.CONFIG_LIMITS` before anything is built from it, tensors must be finite and stream into shards,
+the result must load strictly, and it is written to a staging folder that is renamed when complete.
 
 Key mapping: diffusers' own `scripts/convert_cogvideox_to_diffusers.py` (`VAE_KEYS_RENAME_DICT` and the reversed
 `up.{i}` blocks of an LDM-style decoder); the discriminator (`loss.*`) is left out.
@@ -22,7 +23,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
-from .convert_sat_checkpoint import CheckpointError, ShardWriter, load_state_dict, run_conversion
+from .convert_sat_checkpoint import (
+    CheckpointError,
+    ShardWriter,
+    check_converted_config,
+    check_finite,
+    load_state_dict,
+    run_conversion,
+)
 from .interrupts import staging_folder
 
 
@@ -114,6 +122,7 @@ def convert_vae(
         raise CheckpointError(f"--output {output} already exists; choose a new folder.")
     state = vae_state_dict(checkpoint)
     config = infer_vae_config({k: v.shape for k, v in state.items()}, config_overrides or {})
+    check_converted_config(config, AutoencoderKLCogVideoX.__name__, checkpoint)
     with torch.device("meta"):
         model = AutoencoderKLCogVideoX.from_config(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -128,6 +137,7 @@ def convert_vae(
                 raise CheckpointError(f"{name} maps to {new_name}, which AutoencoderKLCogVideoX does not have.")
             if tuple(tensor.shape) != expected[new_name]:
                 raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} does not fit {new_name}.")
+            check_finite(tensor, name, checkpoint)
             writer.add(new_name, tensor)
         missing = sorted(set(expected) - set(writer.finish()))
         if missing:

@@ -11,7 +11,10 @@
 - `tiny-random`: a tiny configuration with random weights built in code, for demos and tests on a CPU. Its output
   is noise shaped like a video; it is labelled as random wherever it appears.
 
-Nothing here unpickles: weights load from safetensors (or through the converter's weights-only loader).
+Nothing here unpickles: weights load from safetensors (or through the converter's weights-only loader). Before a
+component is built, its files are checked by `hallo3.model_files` (sizes within bounds, the config equal to its
+weights' shapes, from headers only); after loading, its weights are checked to be finite. Components that come from
+the Hub by id (the default `--base-model` and `--wav2vec-model`) are checked by their libraries only.
 """
 
 import logging
@@ -26,6 +29,7 @@ from transformers import T5Config, T5EncoderModel, Wav2Vec2Config, Wav2Vec2Featu
 from .convert_sat_checkpoint import CheckpointError, convert
 from .convert_sat_vae import convert_vae
 from .memory import QUANTIZED_MODES, quantization_config, quantize_pipeline
+from .model_files import ModelFileError, check_component, check_finite_weights, check_pipeline_folder
 from .pipeline_hallo3 import Hallo3Pipeline
 from .scheduling_hallo3 import Hallo3DPMScheduler
 from .transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
@@ -170,19 +174,63 @@ class Source:
     subfolder: str | None = None
 
 
+def local_folder(source: Source) -> Path | None:
+    """The folder `source` reads from when it is on this machine; None for a Hub repo id."""
+    root = Path(source.path)
+    if not root.is_dir():
+        return None
+    return root / source.subfolder if source.subfolder else root
+
+
+# Where each component's files are and what was read from them: component -> (folder, file of each tensor)
+CheckedFiles = dict[str, tuple[Path, dict[str, Path]]]
+
+
+def check_parts(folder: Path, text: Source, vae: Source, wav2vec: str) -> CheckedFiles:
+    """`hallo3.model_files` rules for every part `_from_parts` reads from this machine, before anything is built."""
+    parts: dict[str, tuple[Path | None, str]] = {
+        "transformer": (folder / "transformer", "Hallo3Transformer3DModel"),
+        "reference_net": (folder / "reference_net", "Hallo3ReferenceNet"),
+        "text_encoder": (local_folder(text), "T5EncoderModel"),
+        "vae": (local_folder(vae), "AutoencoderKLCogVideoX"),
+        "audio_feature_extractor": (local_folder(Source(wav2vec)), "Wav2Vec2FeatureExtractor"),
+        "audio_encoder": (local_folder(Source(wav2vec)), "Wav2Vec2Model"),
+    }
+    text_root = local_folder(Source(text.path))
+    if (
+        text_root is not None
+    ):  # a diffusers repo keeps the tokenizer beside text_encoder/, the official T5 folder in it
+        parts["tokenizer"] = (text_root / "tokenizer" if text.subfolder else text_root, "T5TokenizerFast")
+    return {
+        name: (part_folder, check_component(part_folder, class_name))
+        for name, (part_folder, class_name) in parts.items()
+        if part_folder is not None
+    }
+
+
+def check_loaded_weights(pipeline: Hallo3Pipeline, checked: CheckedFiles) -> None:
+    """Every checked component's loaded weights are finite (see `hallo3.model_files.check_finite_weights`)."""
+    for name, (folder, where) in checked.items():
+        module = getattr(pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            check_finite_weights(module, where, folder)
+
+
 def _from_parts(
     folder: Path, text: Source, vae: Source, wav2vec: str, torch_dtype: torch.dtype, memory_mode: str = "none"
 ) -> Hallo3Pipeline:
     """Converter output (`transformer/`, `reference_net/`) + T5, VAE and wav2vec2 from their sources; quantized at
-    load if asked."""
+    load if asked. The local ones are checked first (`check_parts`)."""
     from transformers import AutoTokenizer
+
+    checked = check_parts(folder, text, vae, wav2vec)
 
     # a diffusers repo has tokenizer/ and text_encoder/; the official T5 folder is flat (transformers wants no
     # subfolder argument at all then, not None)
     tokenizer_in = {"subfolder": "tokenizer"} if text.subfolder else {}
     encoder_in = {"subfolder": text.subfolder} if text.subfolder else {}
     quantized = dict(quantization_config=quantization_config(memory_mode, "diffusers"), torch_dtype=torch_dtype)
-    return Hallo3Pipeline(
+    pipeline = Hallo3Pipeline(
         tokenizer=AutoTokenizer.from_pretrained(text.path, **tokenizer_in),
         text_encoder=T5EncoderModel.from_pretrained(
             text.path,
@@ -198,6 +246,8 @@ def _from_parts(
         # wav2vec2 runs in fp32, as in the official code
         audio_encoder=Wav2Vec2Model.from_pretrained(wav2vec, torch_dtype=torch.float32),
     )
+    check_loaded_weights(pipeline, checked)
+    return pipeline
 
 
 def official_layout_sources(folder: Path, base_model: str, wav2vec_model: str | None) -> tuple[Source, Source, str]:
@@ -245,12 +295,15 @@ def load_pipeline(
 
     Quantized memory modes ('8bit', '4bit', 'int8-torchao') are applied here, at load time; placement (offload) is
     `Hallo3Pipeline.enable_memory_mode`. A folder whose files are damaged (a truncated safetensors file, a broken
-    config.json) is a `ModelSourceError` naming the folder and the file's complaint.
+    config.json, sizes out of bounds, a config that disagrees with its weights, non-finite weights) is a
+    `ModelSourceError` naming the folder and the file's complaint.
     """
     try:
         return _load_pipeline(model, base_model, wav2vec_model, torch_dtype, memory_mode)
     except (ModelSourceError, CheckpointError):
         raise
+    except ModelFileError as error:
+        raise ModelSourceError(f"--model {model}: cannot be loaded: {error}") from None
     except (OSError, ValueError, KeyError, SafetensorError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelSourceError(f"--model {model}: cannot be loaded ({type(error).__name__}: {reason}).") from None
@@ -296,7 +349,9 @@ def _load_pipeline(
                     ),
                 }
             )
+        checked = {name: (folder / name, where) for name, where in check_pipeline_folder(folder).items()}
         pipeline = Hallo3Pipeline.from_pretrained(folder, torch_dtype=torch_dtype, quantization_config=quantization)
+        check_loaded_weights(pipeline, checked)
         return LoadedModel(pipeline, str(model))
 
     face_dir, separator_dir = local_model_folders(str(folder))
