@@ -315,7 +315,12 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 audio = gr.Audio(
                     label="Speech", type="filepath", format=None, sources=["upload", "microphone"], elem_id="audio"
                 )
-                prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
+                # every input but the two files has a value: API callers may leave them out (see test_app)
+                prompt = gr.Textbox(
+                    value=DEFAULTS.prompt,
+                    label="Prompt (optional)",
+                    placeholder="A woman talking on a beach at sunset",
+                )
             with gr.Column():
                 guidance = gr.Slider(
                     1.0, 10.0, value=DEFAULTS.guidance_scale, step=0.5, label="Guidance (CFG) scale", elem_id="cfg"

@@ -11,12 +11,14 @@ import pytest
 import soundfile
 
 import app as app_module
+from hallo3.settings import DEFAULTS
 from hallo3.video_io import probe_video
 
 from .conftest import ASSETS
 
 
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+REPO = Path(__file__).parent.parent
+ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,20 @@ def client(server):
     return Client(server, verbose=False)
 
 
+@pytest.fixture(scope="module")
+def running_app(tmp_path_factory):
+    """`python app.py` as a user starts it, for the tests that call it as gradio users do and read its console."""
+    from .test_readme_commands import RunningApp, free_port
+
+    folder = tmp_path_factory.mktemp("checkout")
+    for name in ("assets", "app.py"):
+        (folder / name).symlink_to(REPO / name)
+    port = free_port()
+    app = RunningApp(["--port", str(port)], folder, {}, f"http://127.0.0.1:{port}/")
+    yield app
+    app.stop()
+
+
 def ablation_args(audio, axis: str, values: str):
     """The ablation tab's inputs: the example portrait, `audio`, no prompt, `axis` over `values`, 1 step, seed 3."""
     from gradio_client import handle_file
@@ -72,12 +88,33 @@ def test_named_endpoints(client):
     assert {"/generate", "/ablation"} <= set(endpoints)
 
 
-def test_generate_returns_an_mp4_with_audio(client, speech_file):
-    video, summary = client.predict(*generate_args(ASSETS / "0001.jpg", speech_file), api_name="/generate")
-    path = video["video"] if isinstance(video, dict) else video
-    info = probe_video(path)
+def test_the_api_is_called_with_the_two_files_alone(running_app, speech_file):
+    """As gradio users call an app: the inputs left out take the page's values, which are the settings' defaults."""
+    from gradio_client import Client, handle_file
+
+    client = Client(running_app.url, verbose=False)
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for name in ("/generate", "/ablation"):
+        parameters = endpoints[name]["parameters"]
+        assert [p["parameter_name"] for p in parameters if not p["parameter_has_default"]] == ["image", "audio"]
+        defaults = {p["parameter_name"]: p["parameter_default"] for p in parameters}
+        assert defaults["prompt"] == DEFAULTS.prompt
+        assert defaults["steps"] == DEFAULTS.num_inference_steps
+        assert defaults["guidance_scale"] == DEFAULTS.guidance_scale
+        assert defaults["audio_guidance_scale"] == DEFAULTS.guidance_scale  # equal: the official joint guidance
+        assert defaults["motion_frames"] == DEFAULTS.motion_frames
+
+    image = handle_file(str(ASSETS / "0001.jpg"))
+    video, summary = client.predict(image, handle_file(str(speech_file)), api_name="/generate")
+    info = probe_video(video["video"] if isinstance(video, dict) else video)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 30
-    assert "seed 7" in summary and "RANDOM WEIGHTS" in summary
+    assert f"steps {DEFAULTS.num_inference_steps}, CFG {DEFAULTS.guidance_scale}" in summary
+
+    *videos, summary = client.predict(image, handle_file(str(speech_file)), api_name="/ablation")
+    axis = endpoints["/ablation"]["parameters"][3]["parameter_default"]
+    made = [v for v in videos if v and (v.get("video") if "video" in v else v.get("value"))]
+    assert len(made) == len(app_module.ABLATION_AXES[axis][2].split(","))
+    assert f"**{axis}**" in summary and f"{DEFAULTS.num_inference_steps} steps" in summary
 
 
 @pytest.mark.parametrize("bad", ["no-face", "not-audio", "too-long", "not-image"])
