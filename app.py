@@ -93,6 +93,13 @@ def slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames,
     )
 
 
+def refusal(message: str) -> gr.Error:
+    """A request the app turns down: one line in the server's log, the message on the page. The mistake is the
+    user's, so gradio prints no traceback of it."""
+    logger.info("refused a request: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def uploaded(value: str | dict | None, kind: str) -> tuple[str, str]:
     """(server path, the name the user gave the file) of an upload. The buttons run with gradio's preprocessing off,
     so that an unreadable upload reaches our checks (which name it and say the rule) instead of failing in gradio
@@ -101,7 +108,7 @@ def uploaded(value: str | dict | None, kind: str) -> tuple[str, str]:
         return value, Path(value).name
     if isinstance(value, dict) and value.get("path"):
         return value["path"], Path(value.get("orig_name") or value["path"]).name
-    raise gr.Error(
+    raise refusal(
         f"Upload the {kind} first."
         if value in (None, "")
         else f"The {kind} upload arrived incomplete; upload it again."
@@ -153,7 +160,7 @@ class Hallo3App:
         if not mode or mode == self.memory_mode:
             return
         if mode not in available_memory_modes():
-            raise gr.Error(f"Memory mode {mode} is not available on this machine.")
+            raise refusal(f"Memory mode {mode} is not available on this machine.")
         torch_dtype = self.animator.pipeline.dtype
         with self.lock:
             logger.info(
@@ -172,8 +179,8 @@ class Hallo3App:
     ) -> GenerationResult:
         """One video; user errors become gr.Error so the page shows them and the app keeps serving.
 
-        Errors name the files as the user uploaded them, never the server's paths, and they are logged as one line:
-        they are the user's, not the app's.
+        Errors name the files as the user uploaded them, never the server's paths, and they are logged as one line
+        (`refusal`): they are the user's, not the app's. An internal error is logged with its traceback, once.
         """
         image_path, image_name = uploaded(image, "portrait image")
         audio_path, audio_name = uploaded(audio, "speech audio")
@@ -192,14 +199,14 @@ class Hallo3App:
                     resume=True,
                 )
         except SettingError as error:  # named as the page names it
-            logger.info("refused a request: %s", error)
-            raise gr.Error(error.naming(SETTING_LABELS.get(error.name, error.name))) from None
+            raise refusal(error.naming(SETTING_LABELS.get(error.name, error.name))) from None
         except (*INPUT_ERRORS, ValueError) as error:
-            logger.info("refused a request: %s", error)
-            raise gr.Error(str(error)) from None
+            raise refusal(str(error)) from None
         except Exception as error:  # keep serving; the log has the traceback
             logger.exception("generation failed")
-            raise gr.Error(f"Internal error ({type(error).__name__}). The server log has the details.") from None
+            raise gr.Error(
+                f"Internal error ({type(error).__name__}). The server log has the details.", print_exception=False
+            ) from None
 
     def output_for(self, image: str, audio: str, settings: GenerationSettings) -> Path:
         """Where a job's video goes. With a fixed seed the name comes from the inputs and settings, so a job that
@@ -272,15 +279,15 @@ class Hallo3App:
     ) -> tuple:
         """2-4 variants along one axis, same inputs and seed; returns MAX_VARIANTS video slots and a summary."""
         if axis not in ABLATION_AXES:
-            raise gr.Error(f"Pick an axis: {', '.join(ABLATION_AXES)}.")
+            raise refusal(f"Pick an axis: {', '.join(ABLATION_AXES)}.")
         field_name, parse, _ = ABLATION_AXES[axis]
         texts = [v.strip() for v in (values or "").split(",") if v.strip()]
         if not 2 <= len(texts) <= MAX_VARIANTS:
-            raise gr.Error(f"Give 2 to {MAX_VARIANTS} comma-separated values for {axis}; got {len(texts)}.")
+            raise refusal(f"Give 2 to {MAX_VARIANTS} comma-separated values for {axis}; got {len(texts)}.")
         try:
             parsed = [parse(text) for text in texts]
         except ValueError:
-            raise gr.Error(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
+            raise refusal(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
 
         slots: list[dict] = []
         lines: list[str] = []

@@ -117,6 +117,29 @@ def test_the_api_is_called_with_the_two_files_alone(running_app, speech_file):
     assert f"**{axis}**" in summary and f"{DEFAULTS.num_inference_steps} steps" in summary
 
 
+def test_a_refused_upload_is_one_line_in_the_server_console(running_app, speech_file, tmp_path):
+    """The user gets the message; the server's console gets one line about it, not gradio's traceback of it."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    client = Client(running_app.url, verbose=False)
+    with pytest.raises(AppError, match="notes.png: not an image file") as refused:
+        client.predict(handle_file(str(notes)), handle_file(str(speech_file)), api_name="/generate")
+    log = running_app.log()
+    assert [line for line in log.splitlines() if "notes.png" in line] == [f"refused a request: {refused.value}"]
+    assert "Traceback" not in log
+
+
+def test_generate_returns_an_mp4_with_audio(client, speech_file):
+    video, summary = client.predict(*generate_args(ASSETS / "0001.jpg", speech_file), api_name="/generate")
+    path = video["video"] if isinstance(video, dict) else video
+    info = probe_video(path)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 30
+    assert "seed 7" in summary and "RANDOM WEIGHTS" in summary
+
+
 @pytest.mark.parametrize("bad", ["no-face", "not-audio", "too-long", "not-image"])
 def test_a_bad_upload_is_an_error_and_the_next_request_works(client, speech_file, tmp_path, bad):
     from gradio_client.exceptions import AppError
