@@ -9,7 +9,9 @@ library (`hallo3`) has no gradio import. Named API endpoints: /generate and /abl
 """
 
 import argparse
+import contextlib
 import gc
+import io
 import logging
 import os
 import shutil
@@ -24,7 +26,7 @@ from typing import Any
 import gradio as gr
 import torch
 
-from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, PortraitAnimator
+from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, PortraitAnimator, setup_console
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
@@ -361,15 +363,19 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 video = gr.Video(label="Result", elem_id="result-video")
                 summary = gr.Markdown(elem_id="result-summary")
-                gr.Examples(
-                    examples=EXAMPLES,
-                    inputs=[image, audio, prompt],
-                    outputs=[video, summary],
-                    label="Examples",
-                    fn=GPU(app.generate_example, duration=300),
-                    cache_examples=True,
-                    cache_mode="lazy",
-                )
+                with contextlib.redirect_stdout(io.StringIO()) as printed:  # gradio prints where it caches them
+                    gr.Examples(
+                        examples=EXAMPLES,
+                        inputs=[image, audio, prompt],
+                        outputs=[video, summary],
+                        label="Examples",
+                        fn=GPU(app.generate_example, duration=300),
+                        cache_examples=True,
+                        cache_mode="lazy",
+                    )
+                for line in printed.getvalue().splitlines():
+                    if line.strip():
+                        logging.getLogger("gradio").info(line)  # gradio's line, as a gradio record
             with gr.Tab("Ablation", id="ablation"):
                 gr.Markdown(
                     "Run 2-4 variants along one axis over the same inputs and seed; the other settings come "
@@ -435,9 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="public gradio.live link")
-    parser.add_argument("--max-audio-seconds", type=float, default=120.0)
+    parser.add_argument("--max-audio-seconds", type=float, default=120.0, help="longer uploads are refused")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the libraries' log lines, warnings and progress bars too"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_console(args.verbose)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = args.model or default_model()
@@ -450,18 +459,26 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("Videos go to %s (removed when the app stops).", output_dir)
     try:
         with stop_on_signals():  # SIGTERM (docker stop, a Space restart) and SIGHUP end the app like Ctrl-C
-            demo.launch(
+            # gradio's own wait would take the signal's exception for a Ctrl-C of its own and print about it
+            _, local_url, share_url = demo.launch(
                 server_name=args.host,
                 server_port=args.port,
                 share=args.share,
                 max_file_size="50mb",
                 show_error=True,
                 allowed_paths=[str(ASSETS)],
+                prevent_thread_lock=True,
+                quiet=True,
             )
+            logger.info("Running on %s", local_url)
+            if share_url:
+                logger.info("Public link: %s", share_url)
+            while demo.is_running:
+                time.sleep(0.5)
     except Interrupted as interrupted:
         logger.info("Stopped by %s.", interrupted.signal_name)
     finally:
-        demo.close()
+        demo.close(verbose=False)
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
