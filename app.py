@@ -9,7 +9,9 @@ library (`hallo3`) has no gradio import. Named API endpoints: /generate and /abl
 """
 
 import argparse
+import contextlib
 import gc
+import io
 import logging
 import os
 import shutil
@@ -24,7 +26,7 @@ from typing import Any
 import gradio as gr
 import torch
 
-from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, PortraitAnimator
+from hallo3.inference import INPUT_ERRORS, GenerationResult, GenerationSettings, PortraitAnimator, setup_console
 from hallo3.interrupts import Interrupted, stop_on_signals
 from hallo3.loading import TINY_RANDOM, load_pipeline
 from hallo3.memory import available_memory_modes
@@ -93,6 +95,13 @@ def slider_settings(prompt, guidance_scale, audio_guidance_scale, motion_frames,
     )
 
 
+def refusal(message: str) -> gr.Error:
+    """A request the app turns down: one line in the server's log, the message on the page. The mistake is the
+    user's, so gradio prints no traceback of it."""
+    logger.info("refused a request: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def uploaded(value: str | dict | None, kind: str) -> tuple[str, str]:
     """(server path, the name the user gave the file) of an upload. The buttons run with gradio's preprocessing off,
     so that an unreadable upload reaches our checks (which name it and say the rule) instead of failing in gradio
@@ -101,7 +110,7 @@ def uploaded(value: str | dict | None, kind: str) -> tuple[str, str]:
         return value, Path(value).name
     if isinstance(value, dict) and value.get("path"):
         return value["path"], Path(value.get("orig_name") or value["path"]).name
-    raise gr.Error(
+    raise refusal(
         f"Upload the {kind} first."
         if value in (None, "")
         else f"The {kind} upload arrived incomplete; upload it again."
@@ -153,7 +162,7 @@ class Hallo3App:
         if not mode or mode == self.memory_mode:
             return
         if mode not in available_memory_modes():
-            raise gr.Error(f"Memory mode {mode} is not available on this machine.")
+            raise refusal(f"Memory mode {mode} is not available on this machine.")
         torch_dtype = self.animator.pipeline.dtype
         with self.lock:
             logger.info(
@@ -172,8 +181,8 @@ class Hallo3App:
     ) -> GenerationResult:
         """One video; user errors become gr.Error so the page shows them and the app keeps serving.
 
-        Errors name the files as the user uploaded them, never the server's paths, and they are logged as one line:
-        they are the user's, not the app's.
+        Errors name the files as the user uploaded them, never the server's paths, and they are logged as one line
+        (`refusal`): they are the user's, not the app's. An internal error is logged with its traceback, once.
         """
         image_path, image_name = uploaded(image, "portrait image")
         audio_path, audio_name = uploaded(audio, "speech audio")
@@ -192,14 +201,14 @@ class Hallo3App:
                     resume=True,
                 )
         except SettingError as error:  # named as the page names it
-            logger.info("refused a request: %s", error)
-            raise gr.Error(error.naming(SETTING_LABELS.get(error.name, error.name))) from None
+            raise refusal(error.naming(SETTING_LABELS.get(error.name, error.name))) from None
         except (*INPUT_ERRORS, ValueError) as error:
-            logger.info("refused a request: %s", error)
-            raise gr.Error(str(error)) from None
+            raise refusal(str(error)) from None
         except Exception as error:  # keep serving; the log has the traceback
             logger.exception("generation failed")
-            raise gr.Error(f"Internal error ({type(error).__name__}). The server log has the details.") from None
+            raise gr.Error(
+                f"Internal error ({type(error).__name__}). The server log has the details.", print_exception=False
+            ) from None
 
     def output_for(self, image: str, audio: str, settings: GenerationSettings) -> Path:
         """Where a job's video goes. With a fixed seed the name comes from the inputs and settings, so a job that
@@ -272,15 +281,15 @@ class Hallo3App:
     ) -> tuple:
         """2-4 variants along one axis, same inputs and seed; returns MAX_VARIANTS video slots and a summary."""
         if axis not in ABLATION_AXES:
-            raise gr.Error(f"Pick an axis: {', '.join(ABLATION_AXES)}.")
+            raise refusal(f"Pick an axis: {', '.join(ABLATION_AXES)}.")
         field_name, parse, _ = ABLATION_AXES[axis]
         texts = [v.strip() for v in (values or "").split(",") if v.strip()]
         if not 2 <= len(texts) <= MAX_VARIANTS:
-            raise gr.Error(f"Give 2 to {MAX_VARIANTS} comma-separated values for {axis}; got {len(texts)}.")
+            raise refusal(f"Give 2 to {MAX_VARIANTS} comma-separated values for {axis}; got {len(texts)}.")
         try:
             parsed = [parse(text) for text in texts]
         except ValueError:
-            raise gr.Error(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
+            raise refusal(f"Values for {axis} must look like: {ABLATION_AXES[axis][2]}.") from None
 
         slots: list[dict] = []
         lines: list[str] = []
@@ -315,7 +324,12 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 audio = gr.Audio(
                     label="Speech", type="filepath", format=None, sources=["upload", "microphone"], elem_id="audio"
                 )
-                prompt = gr.Textbox(label="Prompt (optional)", placeholder="A woman talking on a beach at sunset")
+                # every input but the two files has a value: API callers may leave them out (see test_app)
+                prompt = gr.Textbox(
+                    value=DEFAULTS.prompt,
+                    label="Prompt (optional)",
+                    placeholder="A woman talking on a beach at sunset",
+                )
             with gr.Column():
                 guidance = gr.Slider(
                     1.0, 10.0, value=DEFAULTS.guidance_scale, step=0.5, label="Guidance (CFG) scale", elem_id="cfg"
@@ -349,15 +363,19 @@ def build_demo(app: Hallo3App, is_random: bool, memory_modes: list[str]) -> gr.B
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 video = gr.Video(label="Result", elem_id="result-video")
                 summary = gr.Markdown(elem_id="result-summary")
-                gr.Examples(
-                    examples=EXAMPLES,
-                    inputs=[image, audio, prompt],
-                    outputs=[video, summary],
-                    label="Examples",
-                    fn=GPU(app.generate_example, duration=300),
-                    cache_examples=True,
-                    cache_mode="lazy",
-                )
+                with contextlib.redirect_stdout(io.StringIO()) as printed:  # gradio prints where it caches them
+                    gr.Examples(
+                        examples=EXAMPLES,
+                        inputs=[image, audio, prompt],
+                        outputs=[video, summary],
+                        label="Examples",
+                        fn=GPU(app.generate_example, duration=300),
+                        cache_examples=True,
+                        cache_mode="lazy",
+                    )
+                for line in printed.getvalue().splitlines():
+                    if line.strip():
+                        logging.getLogger("gradio").info(line)  # gradio's line, as a gradio record
             with gr.Tab("Ablation", id="ablation"):
                 gr.Markdown(
                     "Run 2-4 variants along one axis over the same inputs and seed; the other settings come "
@@ -423,9 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="public gradio.live link")
-    parser.add_argument("--max-audio-seconds", type=float, default=120.0)
+    parser.add_argument("--max-audio-seconds", type=float, default=120.0, help="longer uploads are refused")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the libraries' log lines, warnings and progress bars too"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_console(args.verbose)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = args.model or default_model()
@@ -438,18 +459,26 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("Videos go to %s (removed when the app stops).", output_dir)
     try:
         with stop_on_signals():  # SIGTERM (docker stop, a Space restart) and SIGHUP end the app like Ctrl-C
-            demo.launch(
+            # gradio's own wait would take the signal's exception for a Ctrl-C of its own and print about it
+            _, local_url, share_url = demo.launch(
                 server_name=args.host,
                 server_port=args.port,
                 share=args.share,
                 max_file_size="50mb",
                 show_error=True,
                 allowed_paths=[str(ASSETS)],
+                prevent_thread_lock=True,
+                quiet=True,
             )
+            logger.info("Running on %s", local_url)
+            if share_url:
+                logger.info("Public link: %s", share_url)
+            while demo.is_running:
+                time.sleep(0.5)
     except Interrupted as interrupted:
         logger.info("Stopped by %s.", interrupted.signal_name)
     finally:
-        demo.close()
+        demo.close(verbose=False)
         shutil.rmtree(output_dir, ignore_errors=True)
 
 

@@ -216,6 +216,16 @@ class PortraitAnimator:
 # CLI
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` ends each flag's line with its default, but for switches and flags that are unset by default (their
+    help says what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "") or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (and exit code 2) instead of a usage block."""
 
@@ -232,7 +242,11 @@ def finite_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     # flags whose `dest` is a GenerationSettings field take its default and are checked by its rules, not here
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(
+        prog="python -m hallo3.inference",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--model",
         default=TINY_RANDOM,
@@ -241,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="T5/VAE source for converted folders")
     parser.add_argument("--image", type=Path, help="portrait photo")
     parser.add_argument("--audio", type=Path, help="speech recording (wav, mp3, flac, m4a, ogg, ...)")
-    parser.add_argument("--prompt", default=DEFAULTS.prompt, help="what the scene looks like")
+    parser.add_argument("--prompt", default=DEFAULTS.prompt, help="what the scene looks like (default: none)")
     parser.add_argument("--output", type=Path, help="output .mp4")
     parser.add_argument("--input-list", type=Path, help="batch: lines prompt@@image@@audio (paths relative to it)")
     parser.add_argument("--output-dir", type=Path, help="batch: folder for the videos")
@@ -259,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--audio-guidance-scale",
         type=float,
         default=DEFAULTS.audio_guidance_scale,
-        help="separate audio guidance (adds a third branch unless equal to --guidance-scale)",
+        help="separate audio guidance (adds a third branch unless equal to --guidance-scale; default: unset, the "
+        "official joint guidance)",
     )
     parser.add_argument(
         "--dynamic-cfg", dest="use_dynamic_cfg", action="store_true", help="ramp guidance from 1 over the steps"
@@ -277,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-audio-seconds", type=float, default=DEFAULTS.max_audio_seconds, help="refuse longer audio"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs"
+    )
     parser.add_argument(
         "--memory-mode",
         default="none",
@@ -301,7 +318,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--step-cache-threshold", type=float, default=0.1, help="first-block cache threshold")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the libraries' log lines, warnings and progress bars too"
+    )
     return parser
+
+
+def is_project_record(record: logging.LogRecord) -> bool:
+    """A record of hallo3's own loggers, or any logger's error."""
+    return record.name.partition(".")[0] == "hallo3" or record.levelno >= logging.ERROR
+
+
+def setup_console(verbose: bool = False) -> None:
+    """The console of the CLI and the app: hallo3's log lines on stderr, as bare messages.
+
+    By default that is all a run prints besides its progress bars: other loggers' records below ERROR (mediapipe's
+    C++ lines among them, see `hallo3.preprocessing.face`) and Python's warnings, which become `py.warnings`
+    records, are dropped, and diffusers', transformers' and torch's own handlers are set to errors and their loading
+    bars turned off. `verbose` leaves all of them as the libraries print them. A program that set up logging itself
+    (a host application, pytest) keeps its setup.
+    """
+    if logging.getLogger().handlers:
+        return
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+    if verbose:
+        return
+    console.addFilter(is_project_record)
+    logging.captureWarnings(True)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    logging.getLogger("torch").setLevel(logging.ERROR)
 
 
 def read_input_list(path: Path) -> list[tuple[str, Path, Path]]:
@@ -388,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--input-list needs --output-dir")
     except SystemExit as exit_:  # a bad flag (already reported in one line) or --help
         return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_console(args.verbose)
 
     flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     settings = GenerationSettings(**{name: getattr(args, name) for name in asdict(DEFAULTS) if name in flags})

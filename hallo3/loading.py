@@ -83,7 +83,9 @@ def tiny_tokenizer():
         "A lady wearing light makeup stands in front of a tropical tree and speaks",
         "a person speaks to the camera",
     ]
-    trainer = trainers.UnigramTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     from tokenizers.processors import TemplateProcessing
 

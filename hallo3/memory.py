@@ -15,7 +15,9 @@ blends overlapping tiles, which changes the frames at 480x720, and at small size
 memory is what stops a run.
 """
 
+import importlib
 import importlib.util
+import sys
 
 import torch
 
@@ -24,6 +26,59 @@ OFFLOAD_MODES = ("model-offload", "group-offload", "sequential-offload")
 QUANTIZED_MODES = ("8bit", "4bit", "int8-torchao")
 MEMORY_MODES = ("none", *OFFLOAD_MODES, *QUANTIZED_MODES)
 QUANTIZED_COMPONENTS = ("transformer", "reference_net", "text_encoder")
+
+
+# the modules of diffusers and transformers whose import pulls torchao in, whenever it is installed
+TORCHAO_QUANTIZERS = ("diffusers.quantizers.torchao.torchao_quantizer", "transformers.quantizers.quantizer_torchao")
+
+
+def defer_torchao() -> None:
+    """Keep torchao unimported until the int8-torchao mode asks for it (`import_torchao`).
+
+    diffusers' and transformers' quantizer registries import torchao as soon as it is installed, and the import prints
+    (kernel libraries built for another torch or Python, torch deprecations) in every run, quantized or not. This
+    imports the two registries while torchao reads as absent: a `None` entry in `sys.modules` is Python's way to make a
+    module unfindable, and the answers the libraries keep (diffusers' availability flag, transformers' cached check)
+    are set to match. It runs when this module is first imported, which `hallo3/__init__` does before anything that
+    imports diffusers' models. A process that has torchao or a registry already, or library versions that keep their
+    answers elsewhere, are left as they are."""
+    if "torchao" in sys.modules or any(name in sys.modules for name in TORCHAO_QUANTIZERS):
+        return
+    from diffusers.utils import import_utils as diffusers_imports
+    from transformers.utils import import_utils as transformers_imports
+
+    if not hasattr(diffusers_imports, "_torchao_available") or not hasattr(
+        transformers_imports.is_torchao_available, "cache_clear"
+    ):
+        return
+    sys.modules["torchao"] = None  # type: ignore[assignment]
+    try:
+        diffusers_imports._torchao_available = False
+        transformers_imports.is_torchao_available.cache_clear()
+        for name in TORCHAO_QUANTIZERS:
+            importlib.import_module(name)
+    finally:
+        del sys.modules["torchao"]
+
+
+defer_torchao()
+
+
+def import_torchao() -> None:
+    """Import torchao and let diffusers and transformers see it again: their availability checks are refreshed and
+    the quantizer modules that `defer_torchao` imported without it are run again, now with it."""
+    import torchao  # noqa: F401
+    from diffusers.utils import import_utils as diffusers_imports
+    from transformers.utils import import_utils as transformers_imports
+
+    if diffusers_imports._torchao_available and transformers_imports.is_torchao_available():
+        return  # never deferred, or already imported again
+    diffusers_imports._torchao_available, diffusers_imports._torchao_version = diffusers_imports._is_package_available(
+        "torchao"
+    )
+    transformers_imports.is_torchao_available.cache_clear()
+    for name in TORCHAO_QUANTIZERS:
+        importlib.reload(importlib.import_module(name))
 
 
 def available_memory_modes() -> list[str]:
@@ -48,6 +103,7 @@ def quantization_config(mode: str, library: str):
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     if mode == "int8-torchao" and library == "diffusers":
+        import_torchao()
         from diffusers import TorchAoConfig
         from torchao.quantization import Int8WeightOnlyConfig
 

@@ -11,12 +11,14 @@ import pytest
 import soundfile
 
 import app as app_module
+from hallo3.settings import DEFAULTS
 from hallo3.video_io import probe_video
 
 from .conftest import ASSETS
 
 
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+REPO = Path(__file__).parent.parent
+ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,20 @@ def client(server):
     return Client(server, verbose=False)
 
 
+@pytest.fixture(scope="module")
+def running_app(tmp_path_factory):
+    """`python app.py` as a user starts it, for the tests that call it as gradio users do and read its console."""
+    from .test_readme_commands import RunningApp, free_port
+
+    folder = tmp_path_factory.mktemp("checkout")
+    for name in ("assets", "app.py"):
+        (folder / name).symlink_to(REPO / name)
+    port = free_port()
+    app = RunningApp(["--port", str(port)], folder, {}, f"http://127.0.0.1:{port}/")
+    yield app
+    app.stop()
+
+
 def ablation_args(audio, axis: str, values: str):
     """The ablation tab's inputs: the example portrait, `audio`, no prompt, `axis` over `values`, 1 step, seed 3."""
     from gradio_client import handle_file
@@ -70,6 +86,50 @@ def generate_args(image, audio, steps=1):
 def test_named_endpoints(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert {"/generate", "/ablation"} <= set(endpoints)
+
+
+def test_the_api_is_called_with_the_two_files_alone(running_app, speech_file):
+    """As gradio users call an app: the inputs left out take the page's values, which are the settings' defaults."""
+    from gradio_client import Client, handle_file
+
+    client = Client(running_app.url, verbose=False)
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for name in ("/generate", "/ablation"):
+        parameters = endpoints[name]["parameters"]
+        assert [p["parameter_name"] for p in parameters if not p["parameter_has_default"]] == ["image", "audio"]
+        defaults = {p["parameter_name"]: p["parameter_default"] for p in parameters}
+        assert defaults["prompt"] == DEFAULTS.prompt
+        assert defaults["steps"] == DEFAULTS.num_inference_steps
+        assert defaults["guidance_scale"] == DEFAULTS.guidance_scale
+        assert defaults["audio_guidance_scale"] == DEFAULTS.guidance_scale  # equal: the official joint guidance
+        assert defaults["motion_frames"] == DEFAULTS.motion_frames
+
+    image = handle_file(str(ASSETS / "0001.jpg"))
+    video, summary = client.predict(image, handle_file(str(speech_file)), api_name="/generate")
+    info = probe_video(video["video"] if isinstance(video, dict) else video)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 30
+    assert f"steps {DEFAULTS.num_inference_steps}, CFG {DEFAULTS.guidance_scale}" in summary
+
+    *videos, summary = client.predict(image, handle_file(str(speech_file)), api_name="/ablation")
+    axis = endpoints["/ablation"]["parameters"][3]["parameter_default"]
+    made = [v for v in videos if v and (v.get("video") if "video" in v else v.get("value"))]
+    assert len(made) == len(app_module.ABLATION_AXES[axis][2].split(","))
+    assert f"**{axis}**" in summary and f"{DEFAULTS.num_inference_steps} steps" in summary
+
+
+def test_a_refused_upload_is_one_line_in_the_server_console(running_app, speech_file, tmp_path):
+    """The user gets the message; the server's console gets one line about it, not gradio's traceback of it."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    client = Client(running_app.url, verbose=False)
+    with pytest.raises(AppError, match="notes.png: not an image file") as refused:
+        client.predict(handle_file(str(notes)), handle_file(str(speech_file)), api_name="/generate")
+    log = running_app.log()
+    assert [line for line in log.splitlines() if "notes.png" in line] == [f"refused a request: {refused.value}"]
+    assert "Traceback" not in log
 
 
 def test_generate_returns_an_mp4_with_audio(client, speech_file):

@@ -14,6 +14,13 @@ Two models, as in the official code:
 """
 
 import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -23,6 +30,7 @@ from PIL import Image
 
 
 logger = logging.getLogger(__name__)
+MEDIAPIPE_LOGGER = logging.getLogger("mediapipe")  # its C++ log lines, as records (see _native_logs_as_records)
 
 EMBEDDING_DIM = 512
 DETECTION_MAX_SIDE = 1280
@@ -163,6 +171,42 @@ class _Landmarker(Protocol):
         ...
 
 
+# mediapipe's C++ side logs through absl (`W0000 00:00:1796437610.25 7102 file.cc:114] ...`, and a notice that it
+# has not been initialised) and TF Lite (`INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`), straight to the
+# process's stderr: no Python API or environment variable reaches their levels in this build.
+NATIVE_LOG_LINE = re.compile(r"(?P<absl>[IWEF])\d{4} [\d:.]+ +\d+ [^\]]+\] |(?P<word>INFO|WARNING|ERROR): ")
+NATIVE_LOG_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+NATIVE_LOG_LEVELS |= {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+_native_stderr_lock = threading.Lock()
+# a graph opens its calculators on its own threads after it is built, and they log as they open; one frame through it
+# waits for that, so those lines fall inside the building's `_native_logs_as_records`
+WARM_UP_FRAME = np.zeros((64, 64, 3), dtype=np.uint8)
+
+
+@contextmanager
+def _native_logs_as_records(logger: logging.Logger) -> Iterator[None]:
+    """While the block runs, turn the log lines that mediapipe's C++ code writes to stderr into records of `logger`,
+    at their own level, so that the program's logging setup decides whether they show. Anything else written to stderr
+    meanwhile (another thread's output) is passed on unchanged when the block ends."""
+    with _native_stderr_lock, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        stderr = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(stderr, 2)
+            os.close(stderr)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                match = NATIVE_LOG_LINE.match(line)
+                if match:
+                    logger.log(NATIVE_LOG_LEVELS[match["absl"] or match["word"]], line.rstrip("\n"))
+                else:
+                    os.write(2, line.encode())
+
+
 def _import_mediapipe():
     """mediapipe, with the one protobuf method its C++ bindings still call restored.
 
@@ -178,7 +222,8 @@ def _import_mediapipe():
             return message_factory.GetMessageClass(descriptor)
 
         message_factory.MessageFactory.GetPrototype = get_prototype  # type: ignore[attr-defined]
-    import mediapipe
+    with _native_logs_as_records(MEDIAPIPE_LOGGER):
+        import mediapipe
 
     return mediapipe
 
@@ -197,11 +242,16 @@ class _TasksLandmarker:
             num_faces=max_faces,  # the official default is 1: its one face is our first
         )
         self._mp = mp
-        self._landmarker = mp.tasks.vision.FaceLandmarker.create_from_options(options)
+        with _native_logs_as_records(MEDIAPIPE_LOGGER):
+            self._landmarker = mp.tasks.vision.FaceLandmarker.create_from_options(options)
+            self._landmarker.detect(
+                mp.Image(image_format=mp.ImageFormat.SRGB, data=WARM_UP_FRAME)
+            )  # see WARM_UP_FRAME
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
         image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-        result = self._landmarker.detect(image)
+        with _native_logs_as_records(MEDIAPIPE_LOGGER):
+            result = self._landmarker.detect(image)
         return [np.array([[p.x, p.y] for p in face], dtype=np.float64) for face in result.face_landmarks]
 
 
@@ -219,14 +269,17 @@ class _FaceMeshLandmarker:
         from mediapipe.python.solution_base import SolutionBase
         from mediapipe.python.solutions import face_mesh
 
-        self._graph = SolutionBase(
-            binary_graph_path=face_mesh._BINARYPB_FILE_PATH,
-            side_inputs={"num_faces": max_faces, "with_attention": True, "use_prev_landmarks": False},
-            outputs=["multi_face_landmarks"],
-        )
+        with _native_logs_as_records(MEDIAPIPE_LOGGER):
+            self._graph = SolutionBase(
+                binary_graph_path=face_mesh._BINARYPB_FILE_PATH,
+                side_inputs={"num_faces": max_faces, "with_attention": True, "use_prev_landmarks": False},
+                outputs=["multi_face_landmarks"],
+            )
+            self._graph.process({"image": WARM_UP_FRAME})  # see WARM_UP_FRAME
 
     def __call__(self, rgb: np.ndarray) -> list[np.ndarray]:
-        result = self._graph.process({"image": np.ascontiguousarray(rgb)})
+        with _native_logs_as_records(MEDIAPIPE_LOGGER):
+            result = self._graph.process({"image": np.ascontiguousarray(rgb)})
         faces = result.multi_face_landmarks or []  # type: ignore[attr-defined]
         return [np.array([[p.x, p.y] for p in face.landmark], dtype=np.float64) for face in faces]
 
