@@ -161,6 +161,8 @@ def memory_weights_digest(pipeline) -> str:
         config = getattr(component, "config", None)
         if config is not None:  # diffusers: a dict; transformers: a PretrainedConfig
             config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            # not the bookkeeping: `_use_default_values` is a set's order (another in every process), `_name_or_path`
+            config = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
             items.append((f"{name} config", json.dumps(config, sort_keys=True, default=str)))
         if isinstance(component, torch.nn.Module):
             tensors = {**dict(component.named_parameters()), **dict(component.named_buffers())}

@@ -397,6 +397,23 @@ def test_the_setup_covers_lora_quantization_and_options_but_not_offload(tmp_path
     )
 
 
+def test_the_tiny_random_setup_is_the_same_in_another_process(tiny_pipeline):
+    """The CLI's tiny-random model is built anew by each process: a resumed run must see the same weights digest
+    (diffusers' configs hold a set whose order changes with the process's hash seed)."""
+    model = LoadedModel(tiny_pipeline, "tiny-random", is_random=True)
+    here = model_setup(model, "cpu", "none", "x", ModelOptions())["weights"]
+    code = (
+        "from hallo3.loading import LoadedModel, build_tiny_random_pipeline\n"
+        "from hallo3.resumable import ModelOptions, model_setup\n"
+        "model = LoadedModel(build_tiny_random_pipeline(), 'tiny-random', is_random=True)\n"
+        "print(model_setup(model, 'cpu', 'none', 'x', ModelOptions())['weights'])"
+    )
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert there.stdout.split()[-1] == here
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Through the CLI: a saved tiny-random folder with a LoRA, stopped at known points
 
