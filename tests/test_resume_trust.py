@@ -292,12 +292,20 @@ def test_a_link_inside_is_refused_and_never_followed(tmp_path, speech, name):
 
 
 @pytest.mark.parametrize("name", ["state.json", "state.safetensors", "segment-00000.mp4", "lock"])
-def test_a_named_pipe_inside_is_refused_without_opening_it(tmp_path, speech, name):
+def test_a_named_pipe_inside_is_refused_without_opening_it(tmp_path, speech, name, monkeypatch):
     """Opening a pipe for reading blocks until someone writes: the pipe is refused by its type, never opened."""
     output, _ = saved_run(tmp_path, speech)
     folder = run_folder(output)
     (folder / name).unlink(missing_ok=True)
     os.mkfifo(folder / name)
+    real_open = os.open
+
+    def open_anything_but_the_pipe(path, flags, *args, dir_fd=None, **kwargs):
+        opened = os.path.join(folder if dir_fd is not None else "", os.fsdecode(path))
+        assert not (Path(opened).name == name and os.path.samefile(opened, folder / name)), "the pipe was opened"
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_anything_but_the_pipe)
     for resume, overwrite in [(True, False), (True, True)]:
         with new_run(output, speech) as run, pytest.raises(ResumeError, match=f"holds {name}, a named pipe"):
             run.start(resume=resume, overwrite=overwrite)
