@@ -218,7 +218,7 @@ class Hallo3App:
             output = Path(tempfile.mkstemp(prefix="hallo3-", suffix=".mp4", dir=self.output_dir)[1])
             output.unlink()  # the writer creates it atomically
             return output
-        job = fingerprint(Path(image), Path(audio), asdict(settings), self.animator.model.label)
+        job = fingerprint(Path(image), Path(audio), asdict(settings), self.animator.setup)
         return self.output_dir / f"hallo3-{job[:24]}.mp4"
 
     def generate(

@@ -25,10 +25,10 @@ from .interrupts import Interrupted, stop_on_signals
 from .loading import DEFAULT_BASE_MODEL, TINY_RANDOM, LoadedModel, ModelSourceError, load_pipeline, local_model_folders
 from .memory import MEMORY_MODES, available_memory_modes
 from .preprocessing import PreparedInputs, prepare_inputs, read_inputs
-from .preprocessing.audio import AudioError
+from .preprocessing.audio import AudioError, num_video_frames
 from .preprocessing.face import FaceAnalyzer, FaceError
 from .preprocessing.image import ImageError
-from .resumable import ResumableVideo, ResumeError, fingerprint, run_folder, saved_seed
+from .resumable import ModelOptions, ResumableVideo, ResumeError, fingerprint, model_setup, run_folder, saved_seed
 from .settings import DEFAULTS, GenerationSettings, SettingError
 
 
@@ -105,16 +105,26 @@ class PortraitAnimator:
         model (`LoadedModel`): from `hallo3.loading.load_pipeline`.
         device (`str`): where the pipeline runs; offload modes move weights there when they are used.
         memory_mode (`str`): see `hallo3.memory` (quantized modes must also be given to `load_pipeline`).
+        options (`ModelOptions`, *optional*): what the caller does to the model after this (a LoRA, an attention
+            backend, ...), for the fingerprint that decides whether a saved run may be continued.
     """
 
-    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu", memory_mode: str = "none"):
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str | torch.device = "cpu",
+        memory_mode: str = "none",
+        options: ModelOptions | None = None,
+    ):
         self.model = model
         self.pipeline = model.pipeline
+        self.face_analyzer = FaceAnalyzer(model.face_analysis_dir)
+        # read before the weights are placed (offload hooks move them); weight files are read once, then remembered
+        self.setup = model_setup(model, device, memory_mode, self.face_analyzer.detector, options or ModelOptions())
         if memory_mode == "none":
             self.pipeline.to(device)
         else:
             self.pipeline.enable_memory_mode(memory_mode, device)
-        self.face_analyzer = FaceAnalyzer(model.face_analysis_dir)
 
     def prepare(
         self,
@@ -174,32 +184,36 @@ class PortraitAnimator:
             f"{settings.num_inference_steps} | guidance {settings.guidance_scale} | {inputs_used}"
         }
         used_settings = {**asdict(settings), "seed": seed}
-        run = ResumableVideo(
+        setup = {**self.setup, "preprocessing": inputs.report}  # the face and vocal models these files went through
+        motion = settings.motion_frames
+        with ResumableVideo(
             output_path,
-            fingerprint(Path(image_path), Path(audio_path), used_settings, self.model.label),
+            fingerprint(Path(image_path), Path(audio_path), used_settings, setup),
             inputs.audio_path,
             self.pipeline.fps,
             metadata,
             seed,
-            writes,
-        )
-        resume_from = run.start(resume, overwrite)
-        if resume_from is not None:
-            logger.info(
-                "Resuming %s after clip %d (%d frames done).",
-                output_path,
-                resume_from.next_clip,
-                resume_from.frames_done,
+            num_frames=num_video_frames(len(inputs.waveform), self.pipeline.fps),
+            motion_shape=(motion, 3, self.pipeline.height, self.pipeline.width) if motion else None,
+            writes=writes,
+        ) as run:
+            resume_from = run.start(resume, overwrite)
+            if resume_from is not None:
+                logger.info(
+                    "Resuming %s after clip %d (%d frames done).",
+                    output_path,
+                    resume_from.next_clip,
+                    resume_from.frames_done,
+                )
+            output = self.pipeline(
+                **inputs.pipeline_inputs(),
+                generator=torch.Generator().manual_seed(seed),
+                on_frames=lambda frames: run.write_segment(inputs.framing.crop_output(frames)),
+                resume_from=resume_from,
+                on_clip_end=run.save_state,
+                **settings.pipeline_kwargs(),
             )
-        output = self.pipeline(
-            **inputs.pipeline_inputs(),
-            generator=torch.Generator().manual_seed(seed),
-            on_frames=lambda frames: run.write_segment(inputs.framing.crop_output(frames)),
-            resume_from=resume_from,
-            on_clip_end=run.save_state,
-            **settings.pipeline_kwargs(),
-        )
-        run.finish()
+            run.finish()
         return GenerationResult(
             path=output_path,
             num_frames=output.num_frames,  # type: ignore[union-attr]  # return_dict is True
@@ -537,7 +551,17 @@ def run_cli(args: argparse.Namespace, settings: GenerationSettings, batch: bool)
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     loaded = load_pipeline(args.model, base_model=args.base_model, torch_dtype=dtype, memory_mode=args.memory_mode)
-    animator = PortraitAnimator(loaded, device, args.memory_mode)
+    options = ModelOptions(  # what is done to the model below, for the fingerprint of a resumable run
+        base_model=args.base_model,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        attention_backend=args.attention_backend,
+        step_cache=args.step_cache,
+        step_cache_threshold=args.step_cache_threshold,
+        compile=args.compile,
+        cfg_parallel=args.cfg_parallel,
+    )
+    animator = PortraitAnimator(loaded, device, args.memory_mode, options)
     if args.attention_backend:
         loaded.pipeline.set_attention_backend(args.attention_backend)
     if args.lora is not None:

@@ -8,6 +8,7 @@ cleanup (`VideoWriter`, the converter's staging folder) never runs and a half-wr
 
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,7 +65,14 @@ def remove_stale_staging(folder: Path, name: str, suffix: str) -> list[Path]:
     for leftover in folder.glob(f".{name}.*{suffix}"):
         pid = leftover.name[len(name) + 2 :].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            # by its own type, never a link's target: we make files and folders, never links, pipes or devices
+            mode = leftover.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(leftover, ignore_errors=True)  # removes links inside, never what they point to
+            elif stat.S_ISREG(mode):
+                leftover.unlink(missing_ok=True)
+            else:
+                continue
             removed.append(leftover)
     return removed
 

@@ -66,12 +66,18 @@ def unbroken(tmp_path_factory, speech) -> Path:
     return output
 
 
+def clips_saved(folder: Path) -> int:
+    """Clips whose state is saved (state.json is replaced atomically: never half written)."""
+    state = folder / "state.json"
+    return json.loads(state.read_text())["next_clip"] if state.exists() else 0
+
+
 def test_a_run_killed_mid_clip_resumes_to_the_same_video(tmp_path, speech, unbroken):
     output = tmp_path / "talk.mp4"
     folder = run_folder(output)
     process = subprocess.Popen(command(output, speech), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not (folder / "segment-00001.mp4").exists():  # clips 1 and 2 are done: clip 3 is under way
+    while clips_saved(folder) < 2:  # clips 1 and 2 are done: clip 3 is under way
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # no cleanup of any kind runs
