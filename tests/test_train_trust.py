@@ -125,9 +125,10 @@ def test_resume_refuses_a_planted_pickle_before_it_runs(prepared, stopped_run, t
         torch.save({"state": Planted(marker)}, folder / planted_as)
     else:
         (folder / planted_as).write_bytes(pickle.dumps(Planted(marker)))
-    line = error_line(resume_cli(prepared, run))
+    result = resume_cli(prepared, run)
+    assert not marker.exists(), "the planted code ran"
+    line = error_line(result)
     assert str(folder / planted_as) in line and ("a pickle" in line or "io.open" in line)
-    assert not marker.exists()
 
 
 def test_deepspeed_files_may_name_only_deepspeed_value_classes(tmp_path):
@@ -226,8 +227,26 @@ def test_a_damaged_checkpoint_file_is_named_in_one_line(prepared, stopped_run, t
     assert line.startswith(f"error: {folder / name}: ") and "damaged" in line
 
 
+def reshape_optimizer_state(path: Path) -> None:
+    """optimizer.bin with one moment a row longer than its parameter (torch's load_state_dict does not notice)."""
+    state = torch.load(path, weights_only=True)
+    moments = next(iter(state["state"].values()))
+    moments["exp_avg"] = torch.cat([moments["exp_avg"], moments["exp_avg"][:1]])
+    torch.save(state, path)
+
+
+def add_parameter_to_optimizer(folder: Path) -> None:
+    """optimizer.bin of a model with one more trained tensor: a valid file that torch refuses to load."""
+    state = torch.load(folder / "optimizer.bin", weights_only=True)
+    state["param_groups"][0]["params"].append(len(state["state"]) + 100)
+    torch.save(state, folder / "optimizer.bin")
+
+
 MORE_DAMAGES = {
     "truncated optimizer": ("optimizer.bin", truncate, "not a readable torch file"),
+    "optimizer state of another shape": ("optimizer.bin", reshape_optimizer_state, "has shape"),
+    # what only loading shows is reported by accelerate, for the folder
+    "optimizer of another model": ("", add_parameter_to_optimizer, "accelerate could not load it"),
     "marker not JSON": ("COMPLETE", lambda path: path.write_text("{"), "not readable JSON"),
     "training state of another step": (
         TRAINING_STATE,
@@ -271,8 +290,10 @@ def test_a_resume_with_another_data_order_is_refused(prepared, stopped_run, tmp_
     assert line.startswith(f"error: {folder / TRAINING_STATE}: written with seed 42 and 2 batches per epoch")
 
 
-def test_resume_restores_the_saved_rng_states(prepared, stopped_run, tmp_path, monkeypatch):
-    """What accelerate's random_states pickle restored, the resume restores from rng-rank0.safetensors."""
+def test_resume_restores_the_rng_states_and_the_schedule(prepared, stopped_run, tmp_path, monkeypatch):
+    """What accelerate's random_states pickle restored, the resume restores from rng-rank0.safetensors; the lr
+    schedule goes on from training_state.json (the loss of the next steps cannot show it: a step's loss comes
+    before its update)."""
     import train.train as training
 
     run, folder = copy_run(stopped_run, tmp_path)
@@ -290,6 +311,9 @@ def test_resume_restores_the_saved_rng_states(prepared, stopped_run, tmp_path, m
     cpu, numpy_keys, python_words = restored[0]
     assert torch.equal(cpu, saved["torch"])
     assert numpy_keys.tolist() == saved["numpy"].tolist() and list(python_words) == saved["python"].tolist()
+    (resumed,) = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    # tiny.yaml: lr 1e-4, warm-up 2 steps, then (max_steps - (step - warm-up)) / max_steps
+    assert resumed["step"] == 3 and resumed["lr"] == pytest.approx(1e-4 * (4 - (3 - 2)) / 4, rel=1e-12)
 
 
 def test_rng_states_round_trip_without_pickle(tmp_path):

@@ -1542,9 +1542,11 @@ def check_data_folder(data: str) -> None:
     if not any(root.glob("metadata*.jsonl")):
         raise TrainingInputError(f"data={data}: no metadata*.jsonl in it; is it train.prepare_dataset's --output?")
     try:
-        read_metadata(root)
+        clips = read_metadata(root)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TrainingInputError(f"data={data}: a metadata*.jsonl line is not JSON ({one_line(error)})") from None
+    if not clips:
+        raise TrainingInputError(f"data={data}: its metadata*.jsonl list no clips (see its report*.jsonl)")
 
 
 def main(argv: list[str] | None = None) -> int:
