@@ -114,9 +114,10 @@ def test_both_ranks_finish_with_the_same_weights_and_the_single_process_lr(two_s
         assert [metrics[step]["lr"] for step in (1, 2, 3)] == pytest.approx(expected, rel=1e-12)
         assert all(metrics[step]["grad_norm"] > 0 for step in (1, 2, 3))  # clipping saw the real gradients
         folder = root / f"stage{stage}" / "checkpoints" / "checkpoint-3"
-        assert {"COMPLETE", "ema-rank0.safetensors", "ema-rank1.safetensors", "random_states_1.pkl"} <= {
-            p.name for p in folder.iterdir()
-        }
+        names = {p.name for p in folder.iterdir()}
+        assert {"COMPLETE", "training_state.json", "ema-rank0.safetensors", "ema-rank1.safetensors"} <= names
+        assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= names
+        assert not [name for name in names if name.endswith(".pkl")]  # each rank's state without pickle
 
 
 def exported_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -17,22 +17,27 @@ import argparse
 import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
 import os
+import pickle
+import random
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
@@ -41,8 +46,8 @@ from hallo3.encoding import encode_frames, encode_image_latents, encode_text, sa
 from hallo3.scheduling_hallo3 import Hallo3DPMScheduler
 from hallo3.transformer_hallo3 import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
-from .config import OptimConfig, TrainConfig, config_to_dict, load_config
-from .dataset import Hallo3ClipDataset, has_text_embeddings
+from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict, load_config, one_line
+from .dataset import Hallo3ClipDataset, has_text_embeddings, read_metadata
 
 
 logger = get_logger("train")
@@ -73,18 +78,30 @@ class EpochSampler(Sampler):
 
 
 class Progress:
-    """The step counter and the count of skipped bad samples, saved and restored with the accelerate state."""
+    """Where the run is, saved as JSON in every checkpoint: the optimizer steps done, the bad samples skipped, and the
+    data order followed. EpochSampler's order comes from (seed, epoch), and a resumed epoch is taken up after
+    step % batches_per_epoch batches, so a run resumes only with the seed and the batches per epoch it was written
+    with."""
 
-    def __init__(self):
+    def __init__(self, seed: int, batches_per_epoch: int):
         self.step = 0
         self.bad_samples = 0
+        self.seed, self.batches_per_epoch = seed, batches_per_epoch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "bad_samples": self.bad_samples}
+        epoch, done_in_epoch = divmod(self.step, self.batches_per_epoch)
+        data = {
+            "seed": self.seed,
+            "batches_per_epoch": self.batches_per_epoch,
+            "epoch": epoch,
+            "batches_done_in_epoch": done_in_epoch,
+        }
+        return {"step": self.step, "bad_samples": self.bad_samples, "data": data}
 
     def load_state_dict(self, state: dict) -> None:
+        """`state` as `read_training_state` checked it."""
         self.step = state["step"]
-        self.bad_samples = state.get("bad_samples", 0)
+        self.bad_samples = state["bad_samples"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -434,22 +451,41 @@ class ShardedEMA:
     def save(self, folder: Path) -> None:
         tensors = {name: shadow.contiguous() for name, shadow in self.shadow.items()}
         metadata = {"optimization_step": str(self.optimization_step), "world_size": str(self.world_size)}
-        save_file(tensors, folder / f"ema-rank{self.rank}.safetensors", metadata=metadata)
+        save_file(tensors, ema_file(folder, self.rank), metadata=metadata)
 
     def load(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        path = folder / f"ema-rank{self.rank}.safetensors"
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata()
-        if int(metadata["world_size"]) != self.world_size:
+        """This rank's averages from `folder`, checked before any is copied: the process count, every name, shape
+        and dtype; a missing, damaged or foreign file stops the run naming it."""
+        path = ema_file(folder, self.rank)
+        if not path.is_file():
+            raise damaged(path, "missing")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                layout = {
+                    name: (handle.get_slice(name).get_shape(), handle.get_slice(name).get_dtype())
+                    for name in handle.keys()
+                }
+            world_size, optimization_step = int(metadata["world_size"]), int(metadata["optimization_step"])
+        except (SafetensorError, KeyError, ValueError) as error:
+            raise damaged(path, f"not an EMA file ({type(error).__name__}: {one_line(error)})") from None
+        if world_size != self.world_size:
             raise TrainingInputError(
-                f"{folder}: written by {metadata['world_size']} processes; resume it with as many (now "
-                f"{self.world_size})."
+                f"{folder}: written by {world_size} processes; resume it with as many (now {self.world_size})."
             )
+        if layout.keys() != self.shadow.keys():
+            differ = sorted(layout.keys() ^ self.shadow.keys())
+            raise damaged(path, f"{len(differ)} names differ from this rank's EMA share (e.g. {differ[0]})")
+        for name, (shape, dtype) in layout.items():
+            if list(shape) != list(self.shadow[name].shape) or dtype != "F32":
+                raise damaged(
+                    path, f"{name} is {dtype} {list(shape)}, the EMA's is F32 {list(self.shadow[name].shape)}"
+                )
+        if optimization_step < 0:
+            raise damaged(path, f"optimization_step {optimization_step} is negative")
         for name, tensor in load_file(path).items():
             self.shadow[name].copy_(tensor)
-        self.optimization_step = int(metadata["optimization_step"])
+        self.optimization_step = optimization_step
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -604,6 +640,47 @@ def collate(items: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints
+#
+# A checkpoint folder holds accelerate's files (model.safetensors and optimizer.bin; FSDP2's DCP folders; DeepSpeed's
+# pytorch_model/), TRAINING_STATE (JSON, main process), and per rank its EMA share and its RNG states (safetensors).
+# accelerate pickles what is registered with `register_for_checkpointing` and the RNG states, and reads registered
+# objects back with weights_only=False; nothing here is registered and the RNG pickle is replaced. Before a resume
+# loads anything, every file of the folder is checked (`check_checkpoint_files`).
+
+TRAINING_STATE = "training_state.json"
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives; a raw pickle starts with PROTO (0x80)
+# Plain value classes DeepSpeed pickles into its ZeRO-2/ZeRO-3 optimizer states (the loss scalers, the ZeRO stage,
+# fragment addresses). DeepSpeed reads its files with torch.load(weights_only=False), so these, beyond torch's
+# weights_only set, are all that a torch file of a checkpoint may name.
+DEEPSPEED_STATE_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
+# What a torch.distributed.checkpoint `.metadata` pickle holds (FSDP2's sharded model and optimizer); DCP reads it
+# with plain pickle.load.
+DCP_METADATA_GLOBALS = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -616,16 +693,37 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [folder for folder in checkpoint_dirs(output_dir) if (folder / COMPLETE_MARKER).is_file()]
 
 
+def ema_file(folder: Path, rank: int) -> Path:
+    return folder / f"ema-rank{rank}.safetensors"
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank{rank}.safetensors"
+
+
 def save_checkpoint(
-    accelerator: Accelerator, ema: ShardedEMA, output_dir: Path, step: int, keep_checkpoints: int
+    accelerator: Accelerator,
+    ema: ShardedEMA,
+    progress: Progress,
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+    output_dir: Path,
+    keep_checkpoints: int,
 ) -> None:
-    """accelerate state + this rank's EMA share, then (all ranks done) the completeness marker, then old ones go."""
+    """accelerate's model and optimizer files, this rank's EMA share and RNG states, the training state (JSON), then
+    (all ranks done) the completeness marker, then old ones go."""
+    step = progress.step
     folder = output_dir / "checkpoints" / f"checkpoint-{step}"
     if accelerator.is_main_process and folder.exists():  # the remains of an interrupted save of this step
         shutil.rmtree(folder)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
+    accelerator.save_state(str(folder), safe_serialization=True)
+    # accelerate pickles every process's RNG states unasked; they are saved below without pickle
+    (folder / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
     ema.save(folder)
+    save_rng_state(rng_file(folder, accelerator.process_index))
+    if accelerator.is_main_process:
+        state = {**progress.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        (folder / TRAINING_STATE).write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
@@ -636,24 +734,341 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Accelerator, ema: ShardedEMA, progress: Progress, output_dir: Path) -> None:
-    """Loads the newest complete checkpoint, if any; incomplete ones (a kill during the save) are skipped."""
+def resume(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+    ema: ShardedEMA,
+    progress: Progress,
+    output_dir: Path,
+) -> None:
+    """Loads the newest complete checkpoint, if any; incomplete ones (a kill during the save) are skipped. Every file
+    of it is checked before anything loads: a pickle, or a damaged, foreign or missing file, stops the run with one
+    line naming it. Every rank checks every file, so all ranks stop alike."""
     complete = complete_checkpoints(output_dir)
     for folder in checkpoint_dirs(output_dir):
         if folder not in complete and (not complete or int(folder.name.split("-")[1]) > progress.step):
             logger.warning(f"skipping {folder}: no {COMPLETE_MARKER} marker (its save was interrupted)")
     if not complete:
         return
-    # every rank reads the marker, so every rank stops with the same message (not one rank with a missing file)
-    written_by = json.loads((complete[-1] / COMPLETE_MARKER).read_text()).get("world_size")
+    folder = complete[-1]
+    written_by = read_json_object(folder / COMPLETE_MARKER).get("world_size")
     if written_by is not None and written_by != accelerator.num_processes:
         raise TrainingInputError(
-            f"{complete[-1]}: written by {written_by} processes; resume it with as many (now "
+            f"{folder}: written by {written_by} processes; resume it with as many (now "
             f"{accelerator.num_processes}), or give this run another output_dir."
         )
-    accelerator.load_state(str(complete[-1]))
-    ema.load(complete[-1])
-    logger.info(f"resumed from {complete[-1]} at step {progress.step}")
+    check_checkpoint_files(folder)
+    state = read_training_state(folder, progress, lr_scheduler)
+    rng_state = read_rng_state(rng_file(folder, accelerator.process_index))
+    ema.load(folder)
+    check_model_weights(folder, accelerator, model)
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as error:  # the checks above name the file; what they cannot see, accelerate reports here
+        raise TrainingInputError(
+            f"{folder}: accelerate could not load it ({type(error).__name__}: {one_line(error)}); the checkpoint is "
+            "damaged or was written by another configuration"
+        ) from error
+    check_optimizer_state(folder, accelerator, optimizer)
+    progress.load_state_dict(state)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    set_rng_state(rng_state)
+    logger.info(f"resumed from {folder} at step {progress.step}")
+
+
+def damaged(path: Path, reason: str) -> TrainingInputError:
+    return TrainingInputError(
+        f"{path}: {reason}; the checkpoint is damaged: move its folder away to resume from the one before, or give "
+        "this run another output_dir."
+    )
+
+
+def refused(path: Path, what: str) -> TrainingInputError:
+    return TrainingInputError(
+        f"{path}: {what} in a checkpoint; resume never unpickles (a pickle can run any code), and this version's "
+        "checkpoints hold none: this folder was written by an earlier version or changed since. Give this run "
+        "another output_dir."
+    )
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise damaged(path, "missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(path, f"not readable JSON ({one_line(error)})") from None
+    if not isinstance(value, dict):
+        raise damaged(path, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+# --- checks made before anything is loaded
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Every file under `folder`: pickles are refused (`*.pkl`, or a raw pickle under any name); a torch file (zip)
+    may name nothing beyond torch's weights_only set and DEEPSPEED_STATE_GLOBALS; DCP's `.metadata` nothing beyond
+    DCP_METADATA_GLOBALS, and the values it points to nothing beyond torch's set; a safetensors header must cover its
+    file."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix in PICKLE_SUFFIXES:
+            raise refused(path, "a pickle")
+        if path.suffix == ".distcp":  # DCP data: read by the checks of its `.metadata`
+            continue
+        if path.name.endswith(".metadata"):
+            check_dcp_folder(path)
+            continue
+        with path.open("rb") as file:
+            head = file.read(len(TORCH_ZIP_MAGIC))
+        if head == TORCH_ZIP_MAGIC:
+            check_torch_file(path)
+        elif head[:1] == b"\x80":
+            raise refused(path, "a pickle")
+        elif path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except SafetensorError as error:
+                raise damaged(path, f"not a readable safetensors file ({one_line(error)})") from None
+
+
+def check_torch_file(path: Path, part: io.BytesIO | None = None, what: str = "a torch file") -> None:
+    """The globals the torch.save pickle `path` (or `part` of it) names, listed without unpickling it: nothing beyond
+    torch's weights_only set and DEEPSPEED_STATE_GLOBALS."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path if part is None else part)
+    except Exception as error:  # torch raises RuntimeError, ValueError or UnpicklingError for unreadable files
+        raise damaged(path, f"not a readable torch file ({type(error).__name__}: {one_line(error)})") from None
+    unsafe = sorted(set(names) - DEEPSPEED_STATE_GLOBALS)
+    if unsafe:
+        raise refused(path, f"{what} whose pickle calls {', '.join(unsafe)}")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside the allowed ones (`name`)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    """Reads a DCP `.metadata` pickle constructing nothing but DCP_METADATA_GLOBALS and torch's dtypes: a file that
+    reads this way holds nothing that DCP's own pickle.load could run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in DCP_METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"{module}.{name}")
+
+
+def check_dcp_folder(path: Path) -> None:
+    """A DCP `.metadata` (`path`) and the non-tensor values it points to, which DCP's planner reads with
+    torch.load(weights_only=False); its tensors it reads with weights_only=True."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    try:
+        with path.open("rb") as file:
+            metadata = DcpMetadataUnpickler(file).load()
+        values = [
+            (fqn, metadata.storage_data[MetadataIndex(fqn)])
+            for fqn, item in metadata.state_dict_metadata.items()
+            if isinstance(item, BytesStorageMetadata)
+        ]
+    except RefusedGlobal as error:
+        raise refused(path, f"a DCP metadata pickle that calls {error.name}") from None
+    except Exception as error:  # a truncated or foreign pickle raises anything
+        raise damaged(path, f"not a readable DCP metadata file ({type(error).__name__}: {one_line(error)})") from None
+    for fqn, info in values:
+        data = (path.parent / info.relative_path).resolve()
+        if data.parent != path.parent.resolve() or not data.is_file():
+            raise damaged(path, f"{fqn} points to {info.relative_path}, which is not a file of this folder")
+        if info.transform_descriptors:
+            raise damaged(path, f"{fqn} is stored through {info.transform_descriptors}, which resume does not read")
+        with data.open("rb") as file:
+            file.seek(info.offset)
+            blob = file.read(info.length)
+        if len(blob) != info.length:
+            raise damaged(data, f"shorter than {fqn} needs (truncated)")
+        check_torch_file(data, io.BytesIO(blob), f"a value ({fqn})")
+
+
+def read_training_state(folder: Path, progress: Progress, lr_scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """TRAINING_STATE checked against this run: the step of the folder, counts, the data order (the same seed and
+    batches per epoch, or the data would not continue where it stopped), the schedule's state in its own shape."""
+    path = folder / TRAINING_STATE
+    state = read_json_object(path)
+
+    def number(mapping: dict, key: str, low: int, where: str = "") -> int:
+        value = mapping.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise damaged(path, f"{where}{key} is {value!r}, expected an integer of at least {low}")
+        return value
+
+    step = number(state, "step", 1)
+    number(state, "bad_samples", 0)
+    if step != int(folder.name.split("-")[1]):
+        raise damaged(path, f"step {step} in the folder of step {folder.name.split('-')[1]}")
+    data = state.get("data")
+    if not isinstance(data, dict):
+        raise damaged(path, "no data section")
+    seed = number(data, "seed", -(2**63), "data.")
+    batches_per_epoch = number(data, "batches_per_epoch", 1, "data.")
+    position = (number(data, "epoch", 0, "data."), number(data, "batches_done_in_epoch", 0, "data."))
+    if position != divmod(step, batches_per_epoch):
+        raise damaged(path, f"data position {position} is not step {step} at {batches_per_epoch} batches per epoch")
+    if (seed, batches_per_epoch) != (progress.seed, progress.batches_per_epoch):
+        raise TrainingInputError(
+            f"{path}: written with seed {seed} and {batches_per_epoch} batches per epoch, this run has seed "
+            f"{progress.seed} and {progress.batches_per_epoch} (the data, batch_size or seed changed); resume needs "
+            "the same ones to continue the data where it stopped, or give this run another output_dir."
+        )
+    schedule = state.get("lr_scheduler")
+    if not isinstance(schedule, dict) or not same_json_shape(schedule, lr_scheduler.state_dict()):
+        raise damaged(path, "lr_scheduler is not the state of this run's schedule")
+    return state
+
+
+def same_json_shape(saved: Any, current: Any) -> bool:
+    """Whether JSON `saved` has the keys, lengths and kinds of `current` (numbers of either kind match)."""
+    if isinstance(current, bool) or current is None or isinstance(current, str):
+        return type(saved) is type(current)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(current, (list, tuple)):
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(current)
+            and all(same_json_shape(s, c) for s, c in zip(saved, current))
+        )
+    if isinstance(current, dict):
+        return (
+            isinstance(saved, dict)
+            and saved.keys() == current.keys()
+            and all(same_json_shape(saved[k], current[k]) for k in current)
+        )
+    return False
+
+
+def check_model_weights(folder: Path, accelerator: Accelerator, model) -> None:
+    """accelerate's model.safetensors against the model: every name, every shape. (FSDP2 and DeepSpeed keep their
+    own layouts, which their readers check.)"""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    path = folder / "model.safetensors"
+    expected = {name: list(tensor.shape) for name, tensor in accelerator.unwrap_model(model).state_dict().items()}
+    if not path.is_file():
+        raise damaged(path, "missing")
+    with safe_open(str(path), "pt") as handle:  # its header was read by check_checkpoint_files
+        shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    if shapes.keys() != expected.keys():
+        differ = sorted(shapes.keys() ^ expected.keys())
+        raise damaged(path, f"{len(differ)} tensor names differ from the model's (e.g. {differ[0]})")
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise damaged(path, f"{name} has shape {shape}, the model's is {expected[name]}")
+
+
+def check_optimizer_state(folder: Path, accelerator: Accelerator, optimizer) -> None:
+    """Each loaded optimizer tensor against its parameter's shape (torch's load_state_dict checks only counts).
+    DeepSpeed keeps flat partitions of its own."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    source = folder / ("optimizer_0" if accelerator.distributed_type == DistributedType.FSDP else "optimizer.bin")
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != parameter.shape:
+                    raise damaged(
+                        source,
+                        f"{key} has shape {list(value.shape)} for a parameter of shape {list(parameter.shape)}",
+                    )
+
+
+# --- RNG states (what accelerate's random_states_<rank>.pkl held), as safetensors
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's python, numpy and torch RNG states (CPU, and the current accelerator device)."""
+    numpy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    _, numpy_keys, numpy_position, has_gauss, cached_gaussian = numpy_state
+    python_version, python_words, gauss_next = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "python": torch.tensor(python_words, dtype=torch.int64),
+    }
+    metadata = {
+        "numpy": json.dumps([int(numpy_position), int(has_gauss), float(cached_gaussian)]),
+        "python": json.dumps([python_version, gauss_next]),
+        "device": "",
+    }
+    device = torch.accelerator.current_accelerator()
+    if device is not None:
+        tensors["device"] = torch.get_device_module(device.type).get_rng_state()
+        metadata["device"] = device.type
+    save_file(tensors, path, metadata=metadata)
+
+
+@dataclass
+class RngState:
+    cpu: torch.Tensor  # torch's CPU generator
+    numpy: tuple
+    python: tuple
+    device_type: str  # the accelerator whose current device's generator `device` is ("" for none)
+    device: torch.Tensor | None
+
+
+def read_rng_state(path: Path) -> RngState:
+    """`save_rng_state`'s file, every part checked."""
+    if not path.is_file():
+        raise damaged(path, "missing")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        numpy_position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+        python_version, gauss_next = json.loads(metadata["python"])
+        device_type = metadata["device"]
+    except (SafetensorError, KeyError, ValueError, TypeError) as error:
+        raise damaged(path, f"not an RNG state file ({type(error).__name__}: {one_line(error)})") from None
+    words = {"numpy": 624, "python": 625}  # MT19937's state: 624 words (+ the position, for python's)
+    torch_state = tensors.get("torch")
+    if torch_state is None or torch_state.dtype != torch.uint8 or torch_state.shape != torch.get_rng_state().shape:
+        raise damaged(path, "the torch state is missing or not this torch's generator state")
+    for name, count in words.items():
+        value = tensors.get(name)
+        if value is None or value.dtype != torch.int64 or value.shape != (count,):
+            raise damaged(path, f"the {name} state is missing or not {count} words")
+        if value.min() < 0 or value.max() >= 2**32:
+            raise damaged(path, f"the {name} state holds values beyond 32 bits")
+    if not (
+        isinstance(numpy_position, int)
+        and 0 <= numpy_position <= 624
+        and isinstance(has_gauss, int)
+        and isinstance(cached_gaussian, float)
+        and isinstance(python_version, int)
+        and (gauss_next is None or isinstance(gauss_next, float))
+    ):
+        raise damaged(path, "the numpy or python state's scalars are not valid")
+    if tensors["python"][-1] > 624:
+        raise damaged(path, "the python state's position is beyond its 624 words")
+    numpy_state = ("MT19937", tensors["numpy"].numpy().astype(np.uint32), numpy_position, has_gauss, cached_gaussian)
+    python_state = (python_version, tuple(tensors["python"].tolist()), gauss_next)
+    return RngState(torch_state, numpy_state, python_state, device_type, tensors.get("device"))
+
+
+def set_rng_state(state: RngState) -> None:
+    torch.set_rng_state(state.cpu)
+    np.random.set_state(state.numpy)
+    random.setstate(state.python)
+    device = torch.accelerator.current_accelerator()
+    if state.device is not None and device is not None and device.type == state.device_type:
+        torch.get_device_module(device.type).set_rng_state(state.device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -914,11 +1329,10 @@ def train(config: TrainConfig) -> dict:
     parameters = trained_parameters(model, accelerator)
     assert sorted(parameters) == sorted(trained_names), "prepare changed which parameters train"
     ema = build_ema(accelerator, parameters, config.optim)
-    progress = Progress()
-    accelerator.register_for_checkpointing(lr_scheduler, progress)
+    progress = Progress(config.seed, len(dataloader))
 
     # 3. Resume, then the loop
-    resume(accelerator, ema, progress, Path(config.output_dir))
+    resume(accelerator, model, optimizer, lr_scheduler, ema, progress, Path(config.output_dir))
     if trackers:
         accelerator.init_trackers("hallo3", config={k: str(v) for k, v in config_to_dict(config).items()})
     loss_fn = build_loss(accelerator, config, models, model)
@@ -1043,7 +1457,7 @@ def run_steps(
             bad_samples = len(batch["bad_samples"])
             losses[progress.step] = report_step(accelerator, config, progress, loss, bad_samples, lr, grad_norm)
             if progress.step % config.checkpoint_every == 0 or progress.step == last_step:
-                save_checkpoint(accelerator, ema, output_dir, progress.step, config.keep_checkpoints)
+                save_checkpoint(accelerator, ema, progress, lr_scheduler, output_dir, config.keep_checkpoints)
             if (
                 config.validate_every
                 and not sharded
@@ -1118,7 +1532,26 @@ def report_step(
     return step_loss
 
 
+def check_data_folder(data: str) -> None:
+    """The prepared folder exists and lists clips in readable metadata*.jsonl (before any model loads)."""
+    root = Path(data)
+    if not root.is_dir():
+        raise TrainingInputError(
+            f"data={data}: no such folder; make one with python -m train.prepare_dataset (README, Training)."
+        )
+    if not any(root.glob("metadata*.jsonl")):
+        raise TrainingInputError(f"data={data}: no metadata*.jsonl in it; is it train.prepare_dataset's --output?")
+    try:
+        clips = read_metadata(root)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainingInputError(f"data={data}: a metadata*.jsonl line is not JSON ({one_line(error)})") from None
+    if not clips:
+        raise TrainingInputError(f"data={data}: its metadata*.jsonl list no clips (see its report*.jsonl)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: one line on stderr and status 2 for bad input (the config, an override, the data, a
+    checkpoint); anything else is a failure inside the run, whose traceback is the report."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values), e.g. max_steps=10")
@@ -1126,13 +1559,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
+        check_data_folder(config.data)
         train(config)
-    except TrainingInputError as error:  # anything else is a failure inside the run: its traceback is the report
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, TrainingInputError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
 
