@@ -191,6 +191,9 @@ def memory_mode_rows(args, config, device, dtype, inputs) -> list[tuple[str, str
             else:
                 if not _has("torchao"):
                     raise Skip("torchao is not installed")
+                from hallo3.memory import import_torchao
+
+                import_torchao()  # hallo3 keeps torchao unimported until a torchao mode asks for it
                 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
                 if kind == "fp8-torchao":

@@ -398,6 +398,10 @@ def has_non_finite(tensor: torch.Tensor) -> bool:
     huge-but-finite tensor can also give, is confirmed element by element (in chunks, no full-size mask)."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return False
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        # a quantized weight (torchao's Int8Tensor, ...) is a tensor subclass without the reductions; its values are
+        # integers and scales made from the file's, not the file's own
+        return False
     tensor = tensor.detach()
     # the tensor's own dtype: ~10x faster than asking for a wider sum, which converts element by element on CPU
     if torch.isfinite(tensor.sum()):

@@ -806,7 +806,7 @@ class ResumableVideo:
         try:
             entries = self._inventory()
         except ResumeError as error:
-            logger.warning("%s", error)
+            logger.warning("the run folder is kept: %s", error)
             return
         for name in entries:
             if name != LOCK:  # removed by `close`, held until then

@@ -97,6 +97,8 @@ def project_line_patterns() -> tuple[list[re.Pattern], list[str]]:
                 continue
             lines += message_patterns(node.args[0])
     assert len(lines) > 20 and {"clips", "steps"} <= set(labels)  # the sources were read
+    # a message of placeholders alone ("%s") would pass every line of every library as hallo3's
+    assert ".*" not in lines, "a hallo3 log message needs words of its own, not only placeholders"
     return [re.compile(line) for line in lines], labels
 
 
@@ -166,7 +168,9 @@ def test_verbose_shows_the_libraries_lines_again(checkout):  # noqa: F811
         assert code == 2 and "error: output missing/out.mp4: the folder missing does not exist" in err
     assert foreign_lines(quiet[1] + quiet[2]) == []
     shown = foreign_lines(verbose[1] + verbose[2])
-    assert any("inference_feedback_manager" in line for line in shown)  # mediapipe's C++ log, as it prints it
+    # mediapipe's C++ log, as it prints it; its feedback-manager lines come from a graph thread, so under load the
+    # process may end before they do: any of its lines shows that --verbose lets them through
+    assert any(mark in line for line in shown for mark in ("inference_feedback_manager", "TensorFlow Lite", "absl"))
     assert "INFO: Created TensorFlow Lite" in verbose[2]
 
 

@@ -13,7 +13,9 @@ from .conftest import FIXTURE_A
 
 
 def test_every_recorded_tensor_matches_fixture_a(capsys):
-    report = run(FIXTURE_A, tolerance=1e-5)
+    # fp32 rounding depends on the CPU's matmul kernels: the worst error was 6.2e-6 on one x86-64 machine and 1.03e-5
+    # (samp.call1.guided) on another; a wrong formula is off by 1e-3 or more
+    report = run(FIXTURE_A, tolerance=2e-5)
     out = capsys.readouterr().out
     assert not report.failed, out
     for name in (
@@ -28,7 +30,7 @@ def test_every_recorded_tensor_matches_fixture_a(capsys):
         "samp.step4.x_in",
     ):
         assert name in out
-    assert 0 < report.worst <= 1e-5
+    assert 0 < report.worst <= 2e-5
 
 
 def test_a_perturbed_recording_fails_with_exit_code_1(tmp_path):

@@ -405,10 +405,11 @@ def test_the_setup_covers_lora_quantization_and_options_but_not_offload(tmp_path
     )
 
 
-def test_the_tiny_random_setup_is_the_same_in_another_process(tiny_pipeline):
+def test_the_tiny_random_setup_is_the_same_in_another_process():
     """The CLI's tiny-random model is built anew by each process: a resumed run must see the same weights digest
-    (diffusers' configs hold a set whose order changes with the process's hash seed)."""
-    model = LoadedModel(tiny_pipeline, "tiny-random", is_random=True)
+    (diffusers' configs hold a set whose order changes with the process's hash seed). Built here as the CLI builds
+    it, not the session's shared pipeline, which other tests may have given hooks or adapters."""
+    model = LoadedModel(build_tiny_random_pipeline(), "tiny-random", is_random=True)
     here = model_setup(model, "cpu", "none", "x", ModelOptions())["weights"]
     code = (
         "from hallo3.loading import LoadedModel, build_tiny_random_pipeline\n"

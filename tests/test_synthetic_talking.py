@@ -166,7 +166,7 @@ def test_prepare_dataset_keeps_talking_heads_with_the_real_face_mesh(tmp_path, m
     output = tmp_path / "prepared"
     code = prepare_main(
         ["--videos", str(raw / "videos"), "--captions", str(raw / "captions"), "--output", str(output)]
-        + ["--wav2vec", "tiny-random"]
+        + ["--wav2vec", "tiny-random", "--no-vocal-separation", "--no-face-embedding"]
     )
     assert code == 0
     report = [json.loads(line) for line in (output / "report.jsonl").read_text().splitlines()]
